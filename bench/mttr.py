@@ -1,0 +1,179 @@
+"""MTTR: time from killing one trainer process to the first completed step after the restart.
+
+Herdsman (controller on a local 4-host Ray cluster, ranks on 3 hosts) against `torchrun --max-restarts` on the
+same tiny model, world size, checkpoint interval and machine, in the same run. Our trainer builds its process
+group on a per-attempt PrefixStore, the fix torchrun + gloo needs to restart at all (see FACTS.md); without it
+torchrun's restarts fail to reconnect.
+
+    python -m bench.mttr [--reps 5] [--out bench/results/mttr.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD, EVERY = 3, 5
+
+
+def _records(stats_dir: Path, rank: int, attempt: int) -> list[dict]:
+    f = stats_dir / f"rank{rank:05d}-attempt{attempt:04d}.jsonl"
+    if not f.exists():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def _first_step_after(stats_dir: Path, attempt: int, timeout: float = 120) -> float:
+    def first():
+        steps = [r for r in _records(stats_dir, 0, attempt) if r["kind"] == "step"]
+        return steps[0]["time"] if steps else None
+    return _wait(first, timeout, f"no step in attempt {attempt}")
+
+
+def _last_step(stats_dir: Path, attempt: int) -> int:
+    steps = [r["step"] for r in _records(stats_dir, 0, attempt) if r["kind"] == "step"]
+    return max(steps, default=0)
+
+
+def _config(d: Path) -> Path:
+    # Lemon detection off: every kill lands on the same host, and after three the policy would (rightly) move
+    # the job to the spare; this benchmark measures the restart itself.
+    p = d / "h.toml"
+    p.write_text(f'run_dir = "{d / "run"}"\njob = "bench"\n[trainer]\nsteps = 100000\ncheckpoint_every = {EVERY}\n'
+                 '[controller]\nlemon_threshold = 1000000\n')
+    return p
+
+
+def bench_torchrun(reps: int, warm_steps: int, settle_s: float) -> list[float]:
+    d = Path(tempfile.mkdtemp(prefix="mttr-torchrun-"))
+    stats = d / "stats"
+    env = {**os.environ, "HERDSMAN_STATS_DIR": str(stats), "OMP_NUM_THREADS": "1", "HERDSMAN_HOST": "local"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node", str(WORLD), "--max-restarts", str(reps + 1),
+                             "-m", "trainer.train", "--config", str(_config(d))], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = []
+    try:
+        for attempt in range(reps):
+            _wait(lambda: _last_step(stats, attempt) >= warm_steps, 180, "torchrun warm-up")
+            time.sleep(settle_s)
+            pid = next(r["pid"] for r in _records(stats, 1, attempt) if r["kind"] == "event")
+            t_kill = time.time()
+            os.kill(pid, signal.SIGKILL)
+            out.append(_first_step_after(stats, attempt + 1) - t_kill)
+            print(f"  torchrun  rep {attempt + 1}: {out[-1]:.2f} s", flush=True)
+    finally:
+        _stop_torchrun(proc, stats)
+    return out
+
+
+def _stop_torchrun(proc: subprocess.Popen, stats: Path) -> None:
+    """SIGTERM lets torchrun end its workers; any it left behind (they run in their own sessions) are killed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for f in stats.glob("*.jsonl"):
+        for r in _records(stats, int(f.name[4:9]), int(f.name[-10:-6])):
+            if r.get("pid"):
+                try:
+                    os.kill(r["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def bench_herdsman(reps: int, warm_steps: int, settle_s: float) -> tuple[list[float], list[dict]]:
+    import ray
+
+    from herdsman.config import load_config
+    from orchestrator.cluster import LocalCluster, connect
+    from orchestrator.job import launch_controller, stop_controller, wait_until
+    from orchestrator.store import Store
+
+    d = Path(tempfile.mkdtemp(prefix="mttr-herdsman-"))
+    cfg = load_config(_config(d))
+    out, split = [], []
+    with LocalCluster(["host-1", "host-2", "host-3", "host-4"]) as cluster:
+        connect(cluster.address)
+        ctrl = launch_controller(cfg)
+        try:
+            for attempt in range(reps):
+                st = wait_until(ctrl, lambda s: s["attempt"] == attempt and s["state"] == "running", 180)
+                host0 = st["placement"][0]
+                stats = d / "run" / "nodes" / host0 / "stats"
+                _wait(lambda: _last_step(stats, attempt) >= warm_steps, 180, "herdsman warm-up")
+                time.sleep(settle_s)
+                t_kill = ray.get(ctrl.kill_rank.remote(1))
+                out.append(_first_step_after(stats, attempt + 1) - t_kill)
+                print(f"  herdsman  rep {attempt + 1}: {out[-1]:.2f} s", flush=True)
+            wait_until(ctrl, lambda s: s["attempt"] == reps and s["step"] > 0, 60)
+        finally:
+            stop_controller(ctrl)
+    for it in Store(cfg.store_url).interruptions("bench"):
+        split.append({"cause": it.verdict.cause.value, "detection_s": it.detection_s, "restart_s": it.restart_s,
+                      "restore_s": it.restore_s})
+    return out, split
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warm-steps", type=int, default=8, help="steps each attempt runs before the kill")
+    p.add_argument("--settle-s", type=float, default=10.0,
+                   help="seconds each attempt trains before the kill (real failures are hours apart; this lets "
+                        "Herdsman's warm standby get ready, and costs torchrun nothing)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "mttr.json"))
+    a = p.parse_args()
+    print(f"MTTR benchmark: {WORLD} gloo ranks, tiny Llama 3, checkpoint every {EVERY} steps, {a.reps} kills each, "
+          f"{a.settle_s:.0f} s of training before each kill")
+    tr = bench_torchrun(a.reps, a.warm_steps, a.settle_s)
+    hm, split = bench_herdsman(a.reps, a.warm_steps, a.settle_s)
+    med_h, med_t = statistics.median(hm), statistics.median(tr)
+    rows = [["herdsman", f"{med_h:.2f}", f"{min(hm):.2f}", f"{max(hm):.2f}", len(hm)],
+            ["torchrun --max-restarts", f"{med_t:.2f}", f"{min(tr):.2f}", f"{max(tr):.2f}", len(tr)]]
+    print(tabulate(rows, headers=["system", "median s", "min s", "max s", "reps"]))
+    print(f"ratio herdsman / torchrun (median): {med_h / med_t:.2f}")
+    if split:
+        keys = ("detection_s", "restart_s", "restore_s")
+        print("herdsman split (median): " + ", ".join(
+            f"{k} {statistics.median(x[k] for x in split if x[k] is not None):.2f}" for k in keys))
+    result = {"benchmark": "mttr", "world_size": WORLD, "checkpoint_every": EVERY, "reps": a.reps,
+              "settle_s": a.settle_s,
+              "herdsman_s": hm, "torchrun_s": tr, "median_herdsman_s": med_h, "median_torchrun_s": med_t,
+              "ratio_median": med_h / med_t, "herdsman_split": split, "time": time.time()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

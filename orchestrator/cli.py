@@ -1,0 +1,196 @@
+"""`herdsman` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from herdsman import HerdsmanError
+from herdsman.config import load_config, to_toml
+
+
+class _Group(click.Group):
+    """Operator errors are one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HerdsmanError as e:
+            click.echo(f"herdsman: error: {e}", err=True)
+            sys.exit(2)
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             help="TOML configuration file (defaults run on a laptop).")
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="herdsman")
+def main() -> None:
+    """Herdsman keeps large training runs training: agents, diagnosis, eviction and restart on Ray."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@config_option
+@click.option("--steps", type=int, help="Target training step (overrides [trainer] steps).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Overrides run_dir.")
+def demo(config_path: str | None, steps: int | None, run_dir: str | None) -> None:
+    """Run the whole system on this machine: a local multi-node Ray cluster, agents with simulated GPUs, the
+    controller and the Llama 3 trainer, with a short fault campaign; ends with the report."""
+    from orchestrator.demo import run_demo
+
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides.setdefault("trainer", {})["steps"] = steps
+    if run_dir is not None:
+        overrides["run_dir"] = run_dir
+    run_demo(load_config(config_path, overrides), click.echo)
+
+
+@main.command()
+@config_option
+@click.option("--timeout", type=float, default=24 * 3600, show_default=True, help="Seconds to wait for the job.")
+def run(config_path: str | None, timeout: float) -> None:
+    """Run the training job on the Ray cluster at [cluster] address, with agents on every Herdsman host."""
+    from orchestrator.cluster import connect
+    from orchestrator.job import Progress, launch_controller, stop_controller, wait_done
+    from orchestrator.report import render_text, summarize
+    from orchestrator.store import Store
+
+    cfg = load_config(config_path)
+    if cfg.cluster.address == "local":
+        raise HerdsmanError("[cluster] address is 'local': use `herdsman demo`, or set the address of a Ray cluster")
+    connect(cfg.cluster.address)
+    ctrl = launch_controller(cfg)
+    try:
+        wait_done(ctrl, timeout, Progress(click.echo))
+    finally:
+        stop_controller(ctrl)
+    click.echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
+
+
+@main.command()
+@config_option
+@click.option("--job", help="Job name (default: the most recent job in the store).")
+@click.option("--db", help="SQLAlchemy URL of the store (default: from the config).")
+def report(config_path: str | None, job: str | None, db: str | None) -> None:
+    """Postmortem: interruptions by root cause (Table 5 style), ETTR and its split, MTTF and MTTR."""
+    from orchestrator.report import render_text, summarize
+    from orchestrator.store import Store
+
+    cfg = load_config(config_path)
+    url = db or cfg.store_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise HerdsmanError(f"no Herdsman database at {url.removeprefix('sqlite:///')}")
+    store = Store(url)
+    if job is None:
+        jobs = store.jobs()
+        if not jobs:
+            raise HerdsmanError(f"no jobs recorded in {url}")
+        job = jobs[-1].name
+    click.echo(render_text(summarize(store, job)))
+
+
+@main.command("config")
+@config_option
+def show_config(config_path: str | None) -> None:
+    """Print the effective configuration as TOML (every default visible)."""
+    click.echo(to_toml(load_config(config_path)), nl=False)
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
+@click.option("--host", default="unknown-host", show_default=True,
+              help="Host to attribute lines to when they carry no host prefix.")
+def diagnose(files: tuple[str, ...], as_json: bool, host: str) -> None:
+    """Diagnose an interruption from evidence text: kernel logs, PyTorch/NCCL stderr, torchrun summaries,
+    nvidia-smi output, scheduler logs (files, or standard input). Prints the Verdict."""
+    import json
+
+    from orchestrator.diagnose import Failure
+    from orchestrator.diagnose import diagnose as decide
+    from orchestrator.logparse import parse
+
+    lines: list[str] = []
+    if not files or files == ("-",):
+        lines = sys.stdin.read().splitlines()
+    for f in files:
+        if f == "-":
+            continue
+        try:
+            lines += Path(f).read_text(errors="replace").splitlines()
+        except OSError as e:
+            raise HerdsmanError(f"cannot read {f}: {e.strerror or e}") from None
+    parsed = parse(lines, host)
+    v = decide(Failure(0.0, tuple(parsed.failures), tuple(parsed.hosts)), parsed.evidence)
+    if as_json:
+        click.echo(json.dumps({"category": v.cause.value, "confidence": v.confidence, "hosts": list(v.hosts),
+                               "ranks": list(v.ranks), "evidence": list(v.evidence)}))
+        return
+    f = v.cause.facts
+    click.echo(f"{v.cause.value} ({f.component}, {f.category}) confidence {v.confidence:.2f}")
+    click.echo(f"  hosts: {', '.join(v.hosts) or '-'}   ranks: {', '.join(map(str, v.ranks)) or '-'}")
+    click.echo(f"  action: {v.action.value}{' (pages)' if f.pages else ''}   runbook: runbooks/{v.cause.runbook}")
+    click.echo(f"  why: {v.reason}")
+    for line in v.evidence:
+        click.echo(f"  evidence: {line}")
+
+
+@main.command("flight-recorder")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--world-size", type=int, help="Ranks in the job (reports ranks with no dump).")
+@click.option("--attempt", type=int, help="Only dumps of this attempt (default: the latest per rank).")
+def flight_recorder_cmd(dirs: tuple[str, ...], world_size: int | None, attempt: int | None) -> None:
+    """Analyse PyTorch flight-recorder dumps (JSON or pickle, gloo or NCCL) without executing them: the collective
+    each process group is stuck on, the ranks that never joined it, mismatched ops or sizes."""
+    from agents.flight_recorder import analyse, collect
+
+    missing = [d for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise HerdsmanError(f"not a directory: {', '.join(missing)}")
+    summaries, refused = collect([Path(d) for d in dirs], attempt)
+    if not summaries and not refused:
+        raise HerdsmanError(f"no flight-recorder dumps in {', '.join(dirs)}")
+    a = analyse(summaries, world_size, refused)
+    click.echo(f"{len(summaries)} dump(s) read, {len(refused)} refused")
+    for line in a.lines():
+        click.echo(f"  {line}")
+
+
+@main.group()
+def checkpoint() -> None:
+    """Inspect sharded checkpoints."""
+
+
+@checkpoint.command("verify")
+@click.argument("path", type=click.Path())
+def checkpoint_verify(path: str) -> None:
+    """Verify one committed checkpoint, or every checkpoint under a checkpoint directory."""
+    from trainer.checkpoint import MANIFEST, CheckpointError, committed, verify
+
+    p = Path(path)
+    if not p.exists():
+        raise HerdsmanError(f"checkpoint path {p} does not exist")
+    targets = [p] if (p / MANIFEST).exists() or p.name.startswith("step-") else committed(p)
+    if not targets:
+        raise HerdsmanError(f"no committed checkpoints under {p}")
+    bad = 0
+    for t in targets:
+        try:
+            info = verify(t)
+            click.echo(f"ok   {t} (step {info.step}, {info.world_size} ranks)")
+        except CheckpointError as e:
+            bad += 1
+            click.echo(f"BAD  {e}")
+    if bad:
+        raise HerdsmanError(f"{bad} of {len(targets)} checkpoint(s) failed verification")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`herdsman demo`: the whole loop on one machine, with a short fault campaign, ending with the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable
+
+from herdsman import HerdsmanError
+from herdsman.config import HerdsmanConfig
+from orchestrator.cluster import LocalCluster
+from orchestrator.job import Progress, launch_controller, stop_controller, wait_done, wait_until
+from orchestrator.report import render_text, summarize
+from orchestrator.store import Store
+
+
+def host_names(n: int) -> list[str]:
+    return [f"host-{i + 1}" for i in range(n)]
+
+
+def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s: float = 600) -> None:
+    if cfg.cluster.address != "local":
+        raise HerdsmanError("the demo starts its own local cluster; set [cluster] address = \"local\"")
+    if cfg.trainer.steps < 30:
+        raise HerdsmanError("the demo's fault campaign needs trainer.steps >= 30")
+    cfg = replace(cfg, job=f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    hosts = host_names(cfg.cluster.worker_hosts + cfg.cluster.spare_hosts)
+    t0 = time.time()
+    echo(f"Starting a local Ray cluster: head + {len(hosts)} hosts ({', '.join(hosts)}) ...")
+    with LocalCluster(hosts, cfg.cluster.cpus_per_host) as cluster:
+        from orchestrator.cluster import connect
+
+        connect(cluster.address)
+        echo(f"  up in {time.time() - t0:.1f} s at {cluster.address}; run dir {cfg.run_dir}, job {cfg.job}")
+        ctrl = launch_controller(cfg)
+        progress = Progress(echo)
+        try:
+            import ray
+
+            # 1. a GPU falls off the bus on the host of rank 1
+            first = max(cfg.trainer.checkpoint_every * 2, cfg.trainer.steps // 4)
+            st = wait_until(ctrl, lambda s: s["step"] >= first, timeout_s, progress)
+            victim = st["placement"][1]
+            echo(f"* fault 1: Xid 79 on {victim} gpu0 (step {st['step']})")
+            ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+
+            # 2. a software bug in rank 0 a few steps after the restart
+            st = wait_until(ctrl, lambda s: s["attempt"] >= 1 and s["state"] == "running" and s["step"] >= first,
+                            timeout_s, progress)
+            at = st["step"] + cfg.trainer.checkpoint_every + 2
+            echo(f"* fault 2: a Python exception in rank 0 at step {at}")
+            ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "ValueError: shapes (4, 128) and (256,) not aligned",
+                                                     at))
+            st = wait_done(ctrl, timeout_s, progress)
+        finally:
+            stop_controller(ctrl)
+    echo(f"Cluster stopped. Demo took {time.time() - t0:.0f} s.\n")
+    echo(render_text(summarize(Store(cfg.store_url), cfg.job)))

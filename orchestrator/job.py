@@ -1,0 +1,81 @@
+"""Start the controller on a connected Ray cluster and follow it until the job ends."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from herdsman import CONTROLLER_NAME, RAY_NAMESPACE, HerdsmanError
+from herdsman.config import HerdsmanConfig
+from orchestrator.controller import ControllerActor
+
+
+def launch_controller(config: HerdsmanConfig) -> Any:
+    """The controller actor, on this (the head) node, named so that agents find it."""
+    here = ray.get_runtime_context().get_node_id()
+    ctrl = ControllerActor.options(
+        name=CONTROLLER_NAME, namespace=RAY_NAMESPACE,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+    ).remote(config)
+    ray.get(ctrl.start_api.remote())
+    ray.get(ctrl.start.remote())
+    return ctrl
+
+
+def wait_until(ctrl: Any, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
+               on_status: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    """Poll the controller's status until `predicate` holds; raise if the job ends first or time runs out."""
+    deadline = time.time() + timeout_s
+    while True:
+        st = ray.get(ctrl.status.remote())
+        if on_status:
+            on_status(st)
+        if predicate(st):
+            return st
+        if st["state"] in ("finished", "stopped"):
+            raise HerdsmanError(f"job ended ({st['state']}: {st['reason']}) before the awaited condition")
+        if time.time() > deadline:
+            raise HerdsmanError(f"timed out after {timeout_s:.0f} s waiting; controller state {st['state']}, "
+                                f"step {st['step']}")
+        time.sleep(poll_s)
+
+
+def wait_done(ctrl: Any, timeout_s: float, on_status: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    deadline = time.time() + timeout_s
+    while True:
+        st = ray.get(ctrl.status.remote())
+        if on_status:
+            on_status(st)
+        if st["state"] in ("finished", "stopped"):
+            return st
+        if time.time() > deadline:
+            raise HerdsmanError(f"job did not finish within {timeout_s:.0f} s (state {st['state']}, step {st['step']})")
+        time.sleep(0.5)
+
+
+def stop_controller(ctrl: Any) -> None:
+    try:
+        ray.get(ctrl.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(ctrl, no_restart=True)
+
+
+class Progress:
+    """Prints a line when something an operator cares about changes (step every few, state, decisions)."""
+
+    def __init__(self, echo: Callable[[str], None] = print, every_steps: int = 10):
+        self.echo, self.every = echo, every_steps
+        self.last_step, self.last_state, self.n_decisions = -1, "", 0
+
+    def __call__(self, st: dict[str, Any]) -> None:
+        for line in st["decisions"][self.n_decisions:]:
+            self.echo(f"  {line}")
+        self.n_decisions = len(st["decisions"])
+        if st["step"] // self.every != self.last_step // self.every and st["step"] > 0:
+            loss = "-" if st["loss"] is None else f"{st['loss']:.3f}"
+            self.echo(f"  step {st['step']}/{st['target_step']} loss {loss} attempt {st['attempt']} "
+                      f"hosts {st['hosts']}")
+            self.last_step = st["step"]

@@ -1,0 +1,121 @@
+"""What the controller serves besides its loop: the status and views the API and the page read, operator
+actions (quarantine, return to service, restart, stop), and the fault-injection hooks of the demo and tests.
+A mixin of Controller: it works on the controller's state under its lock."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from herdsman import HerdsmanError
+from herdsman.events import to_dict
+
+
+class Operations:
+    def start_api(self) -> str:
+        from orchestrator.api import ApiServer, create_app, load_or_create_token
+
+        token = load_or_create_token(self.cfg.api.token, self.run_dir)
+        self._api = ApiServer(create_app(self, token), self.cfg.api.host, self.cfg.api.port)
+        self.api_url = self._api.start()
+        self._decide(f"API at {self.api_url} (operator token in {self.run_dir / 'api_token'})")
+        return self.api_url
+
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "state": type(self.state).__name__.lower(),
+                "reason": getattr(self.state, "reason", ""),
+                "attempt": self.attempt,
+                "step": max(self.step_time) if self.step_time else 0,
+                "target_step": self.cfg.trainer.steps,
+                "loss": self.last_loss,
+                "hosts": {h: st.state.value for h, st in sorted(self.pool.status.items())},
+                "placement": list(self.group.rank_hosts) if self.group else [],
+                "verdicts": [to_dict(v) for v in self.verdicts],
+                "decisions": list(self.decisions),
+                "checkpoints": sorted(self.ckpt_at.items()),  # (step, commit time of its latest save)
+                "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
+                "api_url": self.api_url,
+            }
+
+    def inject_gpu_fault(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:
+        if host not in self.agents:
+            raise HerdsmanError(f"no agent on host {host!r}")
+        line = ray.get(self.agents[host].inject.remote(fault, gpu, **args), timeout=10)
+        self._decide(f"injected on {host}: {line}")
+        return line
+
+    def inject_trainer_fault(self, rank: int, fault: str, message: str = "", at_step: int = 0,
+                             sticky: bool = False) -> str:
+        if self.group is None:
+            raise HerdsmanError("no trainer is running")
+        self._decide(f"injected into rank {rank}: {fault} at step >= {at_step}{' (every attempt)' if sticky else ''}")
+        return self.group.inject(rank, fault, message, at_step, sticky)
+
+    def hosts_view(self) -> list[dict[str, Any]]:
+        with self.lock:
+            out = []
+            for h, st in sorted(self.pool.status.items()):
+                hb = self.heartbeats.get(h)
+                out.append({"host": h, "state": st.state.value, "since": st.since, "reason": st.reason,
+                            "last_heartbeat": self.last_heard.get(h), "metrics_url": hb.metrics_url if hb else "",
+                            "gpus": len(hb.gpus) if hb else 0,
+                            "lost_gpus": sum(g.lost for g in hb.gpus) if hb else 0,
+                            "in_job": bool(self.group and h in self.group.hosts)})
+            return out
+
+    def interruptions_view(self) -> list[dict[str, Any]]:
+        out = []
+        for it in self.store.interruptions(self.cfg.job):
+            out.append({"attempt": it.attempt, "cause": it.verdict.cause.value, "planned": it.planned,
+                        "verdict": to_dict(it.verdict), "failed_at": it.failed_at, "detection_s": it.detection_s,
+                        "restart_s": it.restart_s, "restore_s": it.restore_s, "lost_work_s": it.lost_work_s,
+                        "last_step": it.last_step, "resumed_step": it.resumed_step,
+                        "runbook": f"runbooks/{it.verdict.cause.runbook}"})
+        return out
+
+    def quarantine(self, host: str, reason: str) -> None:
+        with self.lock:
+            if host not in self.pool.status:
+                raise HerdsmanError(f"no host named {host!r}")
+            self.pool.quarantine(host, f"operator: {reason}")
+            self._persist_hosts()
+            self._decide(f"operator quarantined {host}: {reason}")
+            if self.group is not None and host in self.group.hosts and not self.done():
+                self._requests.append(("restart", f"{host} quarantined by an operator: {reason}"))
+
+    def request_restart(self, reason: str) -> None:
+        if self.done():
+            raise HerdsmanError("the job has already ended")
+        with self.lock:
+            self._requests.append(("restart", reason))
+
+    def request_stop(self, reason: str) -> None:
+        if self.done():
+            raise HerdsmanError("the job has already ended")
+        with self.lock:
+            self._requests.append(("stop", reason))
+
+    def return_to_service(self, host: str) -> list[str]:
+        """Run the host's health check; if it passes the host becomes a spare. Returns the problems found."""
+        if host not in self.agents:
+            raise HerdsmanError(f"no agent on host {host!r}")
+        problems = ray.get(self.agents[host].health_check.remote(), timeout=30)
+        with self.lock:
+            if problems:
+                self._decide(f"{host} stays out of service: {'; '.join(problems)}")
+            else:
+                self.pool.return_to_service(host, "health check passed")
+                self._decide(f"{host} returned to service after a passed health check")
+            self._persist_hosts()
+        return problems
+
+    def kill_rank(self, rank: int) -> float:
+        if self.group is None:
+            raise HerdsmanError("no trainer is running")
+        self.group.kill(rank)
+        return time.time()

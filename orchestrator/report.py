@@ -1,0 +1,105 @@
+"""Postmortem numbers: a Table-5-style breakdown of interruptions, ETTR with its split, MTTF and MTTR.
+
+One function computes the numbers (`summarize`), one prints them; the page, the metrics and the simulator use the
+same split (DESIGN.md, "Effective training time").
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from tabulate import tabulate
+
+from herdsman.events import Interruption
+from herdsman.taxonomy import RootCause
+from orchestrator.store import JobRecord, Store
+
+
+@dataclass(frozen=True)
+class Summary:
+    job: JobRecord
+    interruptions: list[Interruption]
+    wall_s: float
+    split: dict[str, float]  # productive, checkpoint, detection, restart, restore, lost_work, idle
+
+    @property
+    def ettr(self) -> float:
+        return self.split["productive"] / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mttf_s(self) -> float | None:
+        n = sum(1 for i in self.interruptions if not i.planned)
+        return self.wall_s / n if n else None
+
+    @property
+    def mttr_s(self) -> float | None:
+        done = [i for i in self.interruptions if i.restore_s is not None]
+        if not done:
+            return None
+        return sum(i.detection_s + (i.restart_s or 0) + (i.restore_s or 0) for i in done) / len(done)
+
+
+def summarize(store: Store, job: str) -> Summary:
+    rec = store.job(job)
+    if rec is None:
+        from herdsman import HerdsmanError
+
+        known = ", ".join(j.name for j in store.jobs()) or "none"
+        raise HerdsmanError(f"no job named {job!r} in {store.url} (jobs: {known})")
+    its = store.interruptions(job)
+    wall = (rec.ended_at or time.time()) - rec.started_at
+    split = {
+        "productive": rec.productive_s,
+        "checkpoint": rec.checkpoint_s,
+        "detection": sum(i.detection_s for i in its),
+        "restart": sum(i.restart_s or 0.0 for i in its),
+        "restore": sum(i.restore_s or 0.0 for i in its),
+        "lost_work": sum(i.lost_work_s for i in its),
+    }
+    split["idle"] = max(0.0, wall - sum(split.values()))
+    return Summary(rec, its, wall, split)
+
+
+def table5(interruptions: list[Interruption]) -> list[list[object]]:
+    counts = Counter(i.verdict.cause for i in interruptions)
+    total = sum(counts.values())
+    rows = []
+    for cause in sorted(counts, key=lambda c: (-counts[c], list(RootCause).index(c))):
+        f = cause.facts
+        rows.append([f.component, f.category, cause.value, counts[cause], f"{100 * counts[cause] / total:.1f}%"])
+    return rows
+
+
+def render_text(s: Summary) -> str:
+    out = [f"Job {s.job.name}: {s.job.state}, step {s.job.last_step}/{s.job.target_step}, "
+           f"wall {s.wall_s:.1f} s, {len(s.interruptions)} interruption(s)"]
+    if s.job.message:
+        out.append(f"  {s.job.message}")
+    out.append("")
+    out.append("Interruptions by root cause (Llama 3 Table 5 categories)")
+    rows = table5(s.interruptions)
+    out.append(tabulate(rows, headers=["Component", "Category", "RootCause", "Count", "%"]) if rows else "  none")
+    out.append("")
+    out.append(f"Effective training time (ETTR): {100 * s.ettr:.1f}%")
+    out.append(tabulate([[k, f"{v:.2f}", f"{100 * v / s.wall_s:.1f}%" if s.wall_s else "-"] for k, v in s.split.items()],
+                        headers=["time", "seconds", "share"]))
+    mttf, mttr = s.mttf_s, s.mttr_s
+    out.append(f"MTTF: {'-' if mttf is None else f'{mttf:.1f} s'}   MTTR: {'-' if mttr is None else f'{mttr:.1f} s'}")
+    if s.interruptions:
+        out.append("")
+        rows = []
+        for i in s.interruptions:
+            v = i.verdict
+            rows.append([i.attempt, v.cause.value, f"{v.confidence:.2f}", ",".join(v.hosts) or "-",
+                         f"{i.detection_s:.2f}", _f(i.restart_s), _f(i.restore_s), f"{i.lost_work_s:.2f}",
+                         f"{i.last_step}->{'-' if i.resumed_step is None else i.resumed_step}",
+                         v.evidence[0][:70] if v.evidence else ""])
+        out.append(tabulate(rows, headers=["attempt", "cause", "conf", "hosts", "detect s", "restart s",
+                                           "restore s", "lost s", "steps", "evidence"]))
+    return "\n".join(out)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"

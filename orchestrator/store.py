@@ -1,0 +1,187 @@
+"""Durable records through SQLAlchemy: jobs, interruptions with their time split, and host states.
+
+SQLite by default (a file in the run directory); any SQLAlchemy URL works, PostgreSQL included. Opening a store
+never drops or rewrites existing data; tables are created only when missing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from herdsman import HerdsmanError
+from herdsman.events import HostState, HostStatus, Interruption, to_dict, verdict_from_dict
+
+
+class StoreError(HerdsmanError):
+    pass
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(40))
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    target_step: Mapped[int] = mapped_column(Integer, default=0)
+    last_step: Mapped[int] = mapped_column(Integer, default=0)
+    productive_s: Mapped[float] = mapped_column(Float, default=0.0)  # kept step time (recomputed steps once)
+    checkpoint_s: Mapped[float] = mapped_column(Float, default=0.0)  # time the loop was blocked saving
+    message: Mapped[str] = mapped_column(String(2000), default="")
+
+
+class InterruptionRow(Base):
+    __tablename__ = "interruptions"
+    __table_args__ = (UniqueConstraint("job", "attempt", name="uq_interruption_job_attempt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(200), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # the attempt that failed
+    cause: Mapped[str] = mapped_column(String(64), index=True)
+    verdict: Mapped[dict[str, Any]] = mapped_column(JSON)
+    planned: Mapped[int] = mapped_column(Integer, default=0)
+    failed_at: Mapped[float] = mapped_column(Float)
+    detected_at: Mapped[float] = mapped_column(Float)
+    restarted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    resumed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_step: Mapped[int] = mapped_column(Integer, default=0)
+    resumed_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lost_work_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    since: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(2000), default="")
+
+
+class HostEventRow(Base):
+    __tablename__ = "host_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(200), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    time: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(2000), default="")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    state: str
+    started_at: float
+    ended_at: float | None
+    target_step: int
+    last_step: int
+    productive_s: float
+    checkpoint_s: float
+    message: str
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.engine = create_engine(url, future=True)
+            Base.metadata.create_all(self.engine)
+        except (SQLAlchemyError, ValueError, ImportError) as e:
+            raise StoreError(f"cannot open the store at {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    def upsert_job(self, name: str, **fields: Any) -> None:
+        with self._session() as s, s.begin():
+            row = s.get(JobRow, name)
+            if row is None:
+                row = JobRow(name=name, state="created", started_at=time.time())
+                s.add(row)
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+    def job(self, name: str) -> JobRecord | None:
+        with self._session() as s:
+            row = s.get(JobRow, name)
+            return None if row is None else _job(row)
+
+    def jobs(self) -> list[JobRecord]:
+        with self._session() as s:
+            return [_job(r) for r in s.scalars(select(JobRow).order_by(JobRow.started_at))]
+
+    # --- interruptions ------------------------------------------------------------------------------------
+    def record_interruption(self, it: Interruption) -> int:
+        """Insert, or update the record of the same (job, attempt): a restarted controller never duplicates one."""
+        with self._session() as s, s.begin():
+            row = s.scalars(select(InterruptionRow).where(InterruptionRow.job == it.job,
+                                                          InterruptionRow.attempt == it.attempt)).first()
+            if row is None:
+                row = InterruptionRow(job=it.job, attempt=it.attempt)
+                s.add(row)
+            row.cause, row.verdict, row.planned = it.verdict.cause.value, to_dict(it.verdict), int(it.planned)
+            row.failed_at, row.detected_at = it.failed_at, it.detected_at
+            row.restarted_at, row.resumed_at = it.restarted_at, it.resumed_at
+            row.last_step, row.resumed_step, row.lost_work_s = it.last_step, it.resumed_step, it.lost_work_s
+            s.flush()
+            return row.id
+
+    def interruptions(self, job: str | None = None, since: float | None = None,
+                      until: float | None = None) -> list[Interruption]:
+        q = select(InterruptionRow).order_by(InterruptionRow.failed_at)
+        if job is not None:
+            q = q.where(InterruptionRow.job == job)
+        if since is not None:
+            q = q.where(InterruptionRow.failed_at >= since)
+        if until is not None:
+            q = q.where(InterruptionRow.failed_at <= until)
+        with self._session() as s:
+            return [_interruption(r) for r in s.scalars(q)]
+
+    # --- hosts --------------------------------------------------------------------------------------------
+    def set_host_state(self, status: HostStatus) -> None:
+        with self._session() as s, s.begin():
+            row = s.get(HostRow, status.host)
+            if row is not None and row.state == status.state.value:
+                return
+            if row is None:
+                row = HostRow(host=status.host)
+                s.add(row)
+            row.state, row.since, row.reason = status.state.value, status.since, status.reason
+            s.add(HostEventRow(host=status.host, state=status.state.value, time=status.since, reason=status.reason))
+
+    def hosts(self) -> list[HostStatus]:
+        with self._session() as s:
+            return [HostStatus(r.host, HostState(r.state), r.since, r.reason)
+                    for r in s.scalars(select(HostRow).order_by(HostRow.host))]
+
+    def host_events(self, host: str | None = None) -> Iterator[HostStatus]:
+        q = select(HostEventRow).order_by(HostEventRow.time)
+        if host is not None:
+            q = q.where(HostEventRow.host == host)
+        with self._session() as s:
+            rows = list(s.scalars(q))
+        return iter([HostStatus(r.host, HostState(r.state), r.time, r.reason) for r in rows])
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _job(r: JobRow) -> JobRecord:
+    return JobRecord(r.name, r.state, r.started_at, r.ended_at, r.target_step, r.last_step, r.productive_s,
+                     r.checkpoint_s, r.message)
+
+
+def _interruption(r: InterruptionRow) -> Interruption:
+    return Interruption(job=r.job, attempt=r.attempt, verdict=verdict_from_dict(r.verdict), failed_at=r.failed_at,
+                        detected_at=r.detected_at, restarted_at=r.restarted_at, resumed_at=r.resumed_at,
+                        last_step=r.last_step, resumed_step=r.resumed_step, lost_work_s=r.lost_work_s,
+                        planned=bool(r.planned))

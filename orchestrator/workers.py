@@ -1,0 +1,295 @@
+"""The trainer's worker group on Ray: one actor per rank, pinned to its host, running the rank as a process.
+
+A rank is a plain `python -m trainer.train` process (the same entry point torchrun runs), so a crash of the
+trainer never takes Ray's worker down with it, and teardown is a kill. The actor watches its process on a
+thread and records the exact moment it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from orchestrator.diagnose import RankFailure
+from trainer import faults
+from trainer import flight_recorder as trainer_fr
+from trainer.checkpoint import request_now as request_checkpoint_now
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    rank: int
+    host: str
+    pid: int
+    running: bool
+    exit_code: int | None
+    ended_at: float | None
+    stderr_tail: str
+
+
+class RankProcess:
+    """Ray actor body: owns one trainer rank process on this node, and a warm standby for the next attempt."""
+
+    STANDBY_DELAY_S = 5.0
+
+    def __init__(self, host: str, cwd: str, warm: bool = True):
+        self.rank, self.host, self.cwd, self.warm = -1, host, cwd, warm
+        self.proc: subprocess.Popen | None = None
+        self.ended_at: float | None = None
+        self.log_path: Path | None = None
+        self.control_dir: Path | None = None
+        self._standby: subprocess.Popen | None = None
+        self._spawn_standby()
+
+    def _spawn_standby(self) -> None:
+        if self.warm:
+            self._standby = subprocess.Popen(
+                [sys.executable, "-m", "trainer.warm"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd=self.cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                start_new_session=True, text=True)
+
+    def _take_standby(self, spec: dict) -> subprocess.Popen | None:
+        p, self._standby = self._standby, None
+        if p is None or p.poll() is not None:
+            return None
+        try:
+            p.stdin.write(json.dumps(spec) + "\n")
+            p.stdin.close()
+            return p
+        except OSError:  # it died between poll() and write
+            return None
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, env: dict[str, str], log_path: str, control_dir: str) -> int:
+        self.stop()  # a leftover of the previous attempt
+        self.rank, self.ended_at = int(env["RANK"]), None
+        self.log_path, self.control_dir = Path(log_path), Path(control_dir)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["--config", env["HERDSMAN_CONFIG"]]
+        standby = self._standby
+        self.proc = self._take_standby({"env": env, "log": str(self.log_path), "argv": argv})
+        with open(self.log_path, "a") as log:
+            why = "no standby" if standby is None else f"standby exited with {standby.poll()}"
+            log.write(f"[rank actor on {self.host}] rank {self.rank}: "
+                      f"{'warm start from standby' if self.proc else 'cold start (' + why + ')'}\n")
+        if self.proc is None:  # cold start
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *argv], env={**os.environ, **env},
+                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                             start_new_session=True)
+        threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
+        # the next standby warms up once this attempt is training, not while it starts (they would share the CPUs)
+        timer = threading.Timer(self.STANDBY_DELAY_S, self._refill, args=(self.proc,))
+        timer.daemon = True
+        timer.start()
+        return self.proc.pid
+
+    def _refill(self, started: subprocess.Popen) -> None:
+        if self._standby is None and started is self.proc and started.poll() is None:
+            self._spawn_standby()
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        if proc is self.proc:
+            self.ended_at = time.time()
+
+    def poll(self) -> RankStatus:
+        p = self.proc
+        code = None if p is None else p.poll()
+        if code is not None and self.ended_at is None:
+            self.ended_at = time.time()
+        tail = self._tail() if code not in (None, 0) else ""
+        return RankStatus(self.rank, self.host, p.pid if p else 0, p is not None and code is None, code,
+                          self.ended_at, tail)
+
+    def _tail(self, n: int = 8000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def inject(self, fault: str, message: str = "", at_step: int = 0, sticky: bool = False) -> str:
+        assert self.control_dir is not None, "rank not started"
+        return str(faults.request(self.control_dir, self.rank, fault, message, at_step, sticky))
+
+    def request_checkpoint(self, then_exit: bool = False) -> bool:
+        if self.proc is None or self.proc.poll() is not None or self.control_dir is None:
+            return False
+        request_checkpoint_now(self.control_dir, self.rank, then_exit)
+        return True
+
+    def request_dump(self) -> bool:
+        """Ask a live rank for its flight-recorder buffer (it writes it from its watcher thread)."""
+        if self.proc is None or self.proc.poll() is not None or self.control_dir is None:
+            return False
+        trainer_fr.request(self.control_dir, self.rank)
+        return True
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def close(self) -> None:
+        """Stop the rank and the standby (before the actor is killed)."""
+        self.stop()
+        if self._standby is not None and self._standby.poll() is None:
+            os.killpg(self._standby.pid, signal.SIGKILL)
+            self._standby.wait()
+        self._standby = None
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        except ProcessLookupError:
+            pass
+
+
+RankActor = ray.remote(num_cpus=0, max_concurrency=4)(RankProcess)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """A frozen snapshot of one poll of the group."""
+
+    ranks: tuple[RankStatus, ...]
+    unreachable: tuple[int, ...]  # ranks whose actor did not answer (host gone)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.ranks) and all(r.exit_code == 0 for r in self.ranks) and not self.unreachable
+
+    @property
+    def failed(self) -> list[RankStatus]:
+        return sorted((r for r in self.ranks if r.exit_code not in (None, 0)), key=lambda r: r.ended_at or 0)
+
+    def failures(self, now: float) -> list[RankFailure]:
+        out = [RankFailure(r.rank, r.host, r.ended_at or now, r.exit_code, r.stderr_tail) for r in self.failed]
+        return out
+
+
+class WorkerGroup:
+    """Ranks 0..N-1 on the given hosts (ranks_per_host each), started together, torn down together.
+
+    Rank actors are kept per (host, slot) across attempts: a restart on the same hosts only starts new processes,
+    which saves spawning a Ray worker per rank (seconds on a small machine).
+    """
+
+    def __init__(self, placement: list[tuple[str, str]], ranks_per_host: int, attempt: int, env: dict[str, str],
+                 run_dir: Path, cwd: str, actors: dict[tuple[str, int], object] | None = None, warm: bool = True):
+        self.attempt, self.env, self.run_dir, self.cwd = attempt, env, Path(run_dir), cwd
+        self.hosts = [h for h, _ in placement]
+        self.rank_hosts: list[str] = []
+        self.actors = []
+        self.pool = actors if actors is not None else {}
+        for host, node_id in placement:
+            for slot in range(ranks_per_host):
+                self.rank_hosts.append(host)
+                key = (host, slot)
+                if key not in self.pool:
+                    self.pool[key] = RankActor.options(
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(host, cwd, warm)
+                self.actors.append(self.pool[key])
+        self.ranks_per_host = ranks_per_host
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        from herdsman import HerdsmanError
+
+        try:
+            master_ip = ray.get(self.actors[0].node_ip.remote(), timeout=timeout_s)
+            port = ray.get(self.actors[0].free_port.remote(), timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            raise HerdsmanError(f"could not place rank 0 on {self.rank_hosts[0]}: {e}") from None
+        refs = []
+        for rank, (actor, host) in enumerate(zip(self.actors, self.rank_hosts)):
+            node = self.run_dir / "nodes" / host
+            env = {**self.env, "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
+                   "LOCAL_RANK": str(rank % self.ranks_per_host), "MASTER_ADDR": master_ip, "MASTER_PORT": str(port),
+                   "HERDSMAN_ATTEMPT": str(self.attempt), "HERDSMAN_HOST": host,
+                   "HERDSMAN_STATS_DIR": str(node / "stats"), "HERDSMAN_CONTROL_DIR": str(node / "control"),
+                   "HERDSMAN_FR_DIR": str(node / "flight_recorder"), "OMP_NUM_THREADS": "1"}
+            log = node / "logs" / f"rank{rank:05d}-attempt{self.attempt:04d}.log"
+            refs.append(actor.start.remote(env, str(log), str(node / "control")))
+        ray.get(refs, timeout=timeout_s)
+
+    def poll(self, timeout_s: float = 5.0) -> GroupStatus:
+        refs = [a.poll.remote() for a in self.actors]
+        ranks, unreachable = [], []
+        for rank, ref in enumerate(refs):
+            try:
+                ranks.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                unreachable.append(rank)
+        return GroupStatus(tuple(ranks), tuple(unreachable))
+
+    def inject(self, rank: int, fault: str, message: str = "", at_step: int = 0, sticky: bool = False) -> str:
+        return ray.get(self.actors[rank].inject.remote(fault, message, at_step, sticky), timeout=10)
+
+    def kill(self, rank: int) -> None:
+        ray.get(self.actors[rank].kill.remote(), timeout=10)
+
+    def request_checkpoint(self, then_exit: bool = False) -> None:
+        """Every rank saves at its next step (they agree on which through their loss all-reduce)."""
+        ray.get([a.request_checkpoint.remote(then_exit) for a in self.actors], timeout=10)
+
+    def request_dumps(self) -> list[int]:
+        """Ask every live rank to dump its flight recorder; returns the ranks asked."""
+        refs = [a.request_dump.remote() for a in self.actors]
+        asked = []
+        for rank, ref in enumerate(refs):
+            try:
+                if ray.get(ref, timeout=5):
+                    asked.append(rank)
+            except Exception:
+                pass
+        return asked
+
+    def shutdown(self, grace_s: float = 3.0, keep_hosts: tuple[str, ...] | list[str] = ()) -> None:
+        """Stop every rank process; keep the actors of `keep_hosts` for the next attempt, kill the others."""
+        refs = [a.stop.remote(grace_s) for a in self.actors]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=grace_s + 5)
+            except Exception:  # a dead host: its processes died with it
+                pass
+        for key in [k for k in self.pool if k[0] in self.hosts and k[0] not in keep_hosts]:
+            close_actor(self.pool.pop(key))
+        self.actors = []
+
+
+def close_actor(actor: object) -> None:
+    try:
+        ray.get(actor.close.remote(), timeout=10)  # type: ignore[attr-defined]
+    except Exception:  # its host is gone, and its processes with it
+        pass
+    ray.kill(actor, no_restart=True)

@@ -1,0 +1,198 @@
+"""The whole loop on a real local multi-node Ray cluster: 3 worker hosts + 1 spare, real trainer processes."""
+
+import ray
+import pytest
+
+from herdsman.config import load_config
+from herdsman.events import HostState
+from herdsman.taxonomy import RootCause
+from orchestrator.cluster import LocalCluster, connect
+from orchestrator.job import launch_controller, stop_controller, wait_done, wait_until
+from orchestrator.store import Store
+
+pytestmark = pytest.mark.e2e
+HOSTS = ["host-1", "host-2", "host-3", "host-4"]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(HOSTS) as c:
+        connect(c.address)
+        yield c
+
+
+def job_config(tmp_path, name, trainer=None, controller=None):
+    return load_config(overrides={
+        "run_dir": str(tmp_path / "run"), "job": name,
+        "trainer": {"steps": STEPS, "checkpoint_every": 5, "step_delay_s": 0.05, **(trainer or {})},
+        "controller": {"restart_backoff_s": 0.2, **(controller or {})},
+    })
+
+
+def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, tmp_path):
+    cfg = job_config(tmp_path, "xid79")
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["step"] >= 12 and s["state"] == "running", 300)
+        victim = st["placement"][1]
+        ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+
+    assert st["state"] == "finished", st["decisions"]
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "faulty_gpu" and verdict["hosts"] == [victim] and verdict["ranks"] == [1]
+    assert any("Xid 79" in line for line in verdict["evidence"])
+    assert st["hosts"][victim] == "quarantined"
+    assert victim not in st["placement"] and len(st["placement"]) == 3 and "host-4" in st["placement"]
+
+    store = Store(cfg.store_url)
+    (it,) = store.interruptions("xid79")
+    assert it.verdict.cause == RootCause.FAULTY_GPU and it.verdict.hosts == (victim,)
+    # resumed from the latest checkpoint committed before the failure (a save the fault cut short does not count)
+    # (>=: a save committed in the instant between the fault and its report would be newer still)
+    assert it.last_step >= it.resumed_step >= max(s for s, t in st["checkpoints"] if t <= it.failed_at)
+    assert 0 <= it.last_step - it.resumed_step <= cfg.trainer.checkpoint_every
+    assert 0 < it.detection_s < 10 and 0 < it.restart_s < 60 and 0 <= it.restore_s < 30 and it.lost_work_s >= 0
+    assert {h.host: h.state for h in store.hosts()}[victim] == HostState.QUARANTINED
+    job = store.job("xid79")
+    assert job.state == "finished" and job.last_step == STEPS and job.productive_s > 0
+    # the quarantined host never got a rank again
+    victim_stats = sorted(p.name for p in (tmp_path / "run" / "nodes" / victim / "stats").glob("*.jsonl"))
+    assert victim_stats and all("attempt0000" in n for n in victim_stats)
+
+
+def test_software_exception_restarts_without_eviction(cluster, tmp_path):
+    cfg = job_config(tmp_path, "bug")
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        first_placement = st["placement"]
+        ray.get(ctrl.inject_trainer_fault.remote(2, "exception", "KeyError: 'lr_scale'", 14))
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+
+    assert st["state"] == "finished", st["decisions"]
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "software_bug" and verdict["ranks"] == [2]
+    assert "KeyError: 'lr_scale'" in verdict["evidence"][0]
+    assert "quarantined" not in st["hosts"].values()
+    assert st["placement"] == first_placement
+    (it,) = Store(cfg.store_url).interruptions("bug")
+    assert it.last_step == 13 and it.resumed_step == 10 and it.restore_s is not None
+
+
+def test_hung_rank_is_found_by_the_flight_recorder_and_the_job_restarts(cluster, tmp_path):
+    cfg = job_config(tmp_path, "hang", trainer={"steps": 30, "collective_timeout_s": 4.0})
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        victim = st["placement"][1]
+        ray.get(ctrl.inject_trainer_fault.remote(1, "hang", "", 12))
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "finished", st["decisions"]
+    assert len(st["verdicts"]) == 1, "\n".join(st["decisions"])
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "nccl_watchdog_timeout" and verdict["ranks"] == [1] and verdict["hosts"] == [victim]
+    assert "never joined" in verdict["evidence"][0] and "gloo:" in verdict["evidence"][0]
+    assert any("asked live ranks [1]" in d for d in st["decisions"])
+    assert st["hosts"][victim] == "suspect"
+    dumps = sorted(p.name for p in (tmp_path / "run" / "nodes").glob("*/flight_recorder/*attempt0000.json"))
+    assert len(dumps) == 3
+
+
+def test_crash_loop_stops_the_job_without_burning_a_spare(cluster, tmp_path):
+    cfg = job_config(tmp_path, "loop")
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 2, 300)
+        ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "AssertionError: grad norm is inf", 8, True))
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "stopped" and "crash loop" in st["reason"] and "AssertionError: grad norm is inf" in st["reason"]
+    assert [v["cause"] for v in st["verdicts"]] == ["software_bug"] * 3
+    assert st["hosts"]["host-4"] == "spare" and "quarantined" not in st["hosts"].values()
+    assert len(Store(cfg.store_url).interruptions("loop")) == 3
+    assert Store(cfg.store_url).job("loop").state == "stopped"
+
+
+def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
+    import httpx
+
+    cfg = job_config(tmp_path, "api")
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        token = (tmp_path / "run" / "api_token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=st["api_url"], timeout=30) as api:
+            hosts = {h["host"]: h for h in api.get("/api/hosts").json()}
+            assert hosts["host-4"]["state"] == "spare" and hosts["host-1"]["in_job"] and hosts["host-1"]["gpus"] == 2
+            assert api.post("/api/hosts/host-4/quarantine", json={"reason": "x"}).status_code == 401
+            victim = st["placement"][2]
+            r = api.post(f"/api/hosts/{victim}/quarantine", json={"reason": "reseat the IB cable"}, headers=auth)
+            assert r.status_code == 200
+            st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running", 120)
+            assert victim not in st["placement"] and st["hosts"][victim] == "quarantined"
+            r = api.post(f"/api/hosts/{victim}/return", headers=auth)
+            assert r.status_code == 200 and r.json()["returned"], r.text
+            assert api.get("/api/hosts").json()[[h["host"] for h in api.get("/api/hosts").json()].index(victim)][
+                "state"] == "spare"
+            (it,) = api.get("/api/interruptions").json()
+            assert it["planned"] and "reseat the IB cable" in it["verdict"]["reason"]
+            assert api.post("/api/job/stop", json={"reason": "end of test"}, headers=auth).status_code == 200
+        st = wait_done(ctrl, 60)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "stopped" and "end of test" in st["reason"]
+
+
+def test_planned_maintenance_drains_after_a_fresh_checkpoint(cluster, tmp_path):
+    cfg = job_config(tmp_path, "maint", trainer={"checkpoint_every": 1000})  # no periodic checkpoints
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 7, 300)
+        host = st["placement"][0]
+        ray.get(ctrl.inject_gpu_fault.remote(host, "maintenance", reason="BIOS update, window 03:00-04:00"))
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "finished", st["decisions"]
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "host_maintenance" and verdict["hosts"] == [host]
+    assert st["hosts"][host] == "quarantined" and host not in st["placement"]
+    (it,) = Store(cfg.store_url).interruptions("maint")
+    assert it.planned and it.detection_s == 0
+    assert it.resumed_step == it.last_step >= 7  # the fresh checkpoint: no work lost
+    assert any(s >= 7 for s, _ in st["checkpoints"][:1])
+
+
+def test_a_host_whose_agent_falls_silent_is_taken_out_of_the_job(cluster, tmp_path):
+    from herdsman import RAY_NAMESPACE
+    from agents.ray_agent import agent_name
+
+    cfg = job_config(tmp_path, "silent", trainer={"steps": 150, "checkpoint_every": 10},  # outlasts the window
+                     controller={"heartbeat_timeout_s": 8.0})  # a loaded 2-core machine can delay beats by seconds
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 5, 300)
+        victim = st["placement"][1]
+        ray.kill(ray.get_actor(agent_name(victim), namespace=RAY_NAMESPACE), no_restart=True)
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "finished", st["decisions"]
+    assert len(st["verdicts"]) == 1, "\n".join(st["decisions"])
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "unknown" and verdict["hosts"] == [victim], st["decisions"]
+    assert victim not in st["placement"] and "host-4" in st["placement"]
+    assert any(f"{victim} unreachable" in d for d in st["decisions"])
+    assert not any("asked live ranks" in d for d in st["decisions"])  # live, progressing ranks are not dumped
+    assert any(f"agent on {victim} is gone" in d for d in st["decisions"])
+    assert st["hosts"][victim] == "quarantined"  # out until an operator returns it after a health check

@@ -1,0 +1,118 @@
+import json
+import shutil
+
+import pytest
+
+from trainer import faults
+from trainer.checkpoint import MANIFEST, CheckpointError, committed, latest_valid, verify
+from tests.trainer_runs import launch, losses, write_config
+
+STEPS, EVERY, WORLD = 14, 4, 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("straight")
+    cfg = write_config(d / "h.toml", d / "run", steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=3)
+    runs = launch(cfg, WORLD, 0, d / "stats")
+    assert [r.returncode for r in runs] == [0] * WORLD, runs[0].stdout
+    return d
+
+
+def test_interrupted_run_resumes_on_the_same_loss_curve(uninterrupted, tmp_path):
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=3)
+    faults.request(tmp_path / "ctl", 1, "exception", "boom", at_step=11)
+    first = launch(cfg, WORLD, 0, tmp_path / "stats", tmp_path / "ctl")
+    assert all(r.returncode != 0 for r in first)
+    assert "InjectedFault: boom" in first[1].stdout
+    ckpts = tmp_path / "run" / "checkpoints" / "t"
+    assert [p.name for p in committed(ckpts)] == ["step-00000008", "step-00000004"]
+    assert losses(tmp_path / "stats") == {s: l for s, l in losses(uninterrupted / "stats").items() if s <= 10}
+
+    second = launch(cfg, WORLD, 1, tmp_path / "stats", tmp_path / "ctl")
+    assert [r.returncode for r in second] == [0] * WORLD, second[0].stdout
+    assert "resumed from" in second[0].stdout and "step-00000008 at step 8" in second[0].stdout
+    want, got = losses(uninterrupted / "stats"), losses(tmp_path / "stats")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == want[step], f"step {step}: {got[step]} != {want[step]}"
+    # rank 1 agrees too (the loss is all-reduced)
+    assert losses(tmp_path / "stats", rank=1) == got
+
+
+def test_retention_and_manifest(uninterrupted):
+    ckpts = committed(uninterrupted / "run" / "checkpoints" / "t")
+    assert [p.name for p in ckpts] == ["step-00000014", "step-00000012", "step-00000008"]
+    info = verify(ckpts[0])
+    assert (info.step, info.world_size) == (14, WORLD)
+    m = json.loads((ckpts[0] / MANIFEST).read_text())
+    assert ".metadata" in m["files"] and sum(n.endswith(".distcp") for n in m["files"]) == WORLD
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "__0_0.distcp").write_bytes(b"x" + (p / "__0_0.distcp").read_bytes()[1:]), "CRC32"),
+    (lambda p: (p / "__1_0.distcp").unlink(), "__1_0.distcp is missing"),
+    (lambda p: (p / MANIFEST).write_text((p / MANIFEST).read_text()[:40]), "corrupt manifest"),
+    (lambda p: (p / MANIFEST).unlink(), "never committed"),
+    (lambda p: (p / ".metadata").write_bytes(b""), "has 0 bytes"),
+])
+def test_damaged_checkpoint_is_skipped_with_a_clear_message(uninterrupted, tmp_path, damage, message):
+    root = tmp_path / "ckpts"
+    shutil.copytree(uninterrupted / "run" / "checkpoints" / "t", root)
+    damage(root / "step-00000014")
+    with pytest.raises(CheckpointError, match=message):
+        verify(root / "step-00000014")
+    warnings = []
+    info = latest_valid(root, warn=warnings.append)
+    assert info is not None and info.step == 12
+    assert len(warnings) == 1 and message.split()[0] in warnings[0]
+
+
+def test_uncommitted_directory_is_never_loaded(uninterrupted, tmp_path):
+    root = tmp_path / "ckpts"
+    shutil.copytree(uninterrupted / "run" / "checkpoints" / "t", root)
+    (root / "step-00000014").rename(root / "step-00000016.tmp")
+    assert latest_valid(root, warn=lambda m: None).step == 12
+
+
+def test_resume_required_refuses_to_train_from_scratch(tmp_path):
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=3)
+    runs = launch(cfg, WORLD, 0, tmp_path / "stats", extra_env={"HERDSMAN_RESUME": "required"})
+    assert all(r.returncode != 0 for r in runs)
+    assert "no usable checkpoint" in runs[0].stdout and "refusing to train from scratch" in runs[0].stdout
+    assert losses(tmp_path / "stats") == {}
+
+
+def test_a_rank_dies_with_its_parent(tmp_path):
+    """A rank orphaned by its launcher's death exits instead of training on beside its replacement."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.trainer_runs import ROOT, free_port
+
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=100000)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "HERDSMAN_STATS_DIR": str(tmp_path / "stats")}
+    launcher = (f"import os, subprocess, sys, time\n"
+                f"p = subprocess.Popen([sys.executable, '-m', 'trainer.train', '--config', {str(cfg)!r}],"
+                f" env={{**os.environ, **{env!r}}}, start_new_session=True)\n"
+                f"print(p.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not list((tmp_path / "stats").glob("*.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the orphaned rank kept running")

@@ -1,0 +1,1 @@
+"""The embedded Llama 3 trainer: model, data, sharded checkpoints and the training loop."""

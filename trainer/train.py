@@ -1,0 +1,201 @@
+"""The training loop: Llama 3 on torch.distributed with FSDP2, sharded checkpoints, and reports to the agent.
+
+Runs as one process per rank, under Herdsman's worker group or under torchrun:
+
+    python -m trainer.train --config herdsman.toml
+
+Environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (as torchrun sets them); the attempt number
+from HERDSMAN_ATTEMPT or TORCHELASTIC_RESTART_COUNT; optional HERDSMAN_HOST, HERDSMAN_STATS_DIR (reports to the
+local agent), HERDSMAN_CONTROL_DIR (fault injection), HERDSMAN_FR_DIR (flight-recorder dumps) and
+HERDSMAN_RESUME=required (refuse to start from scratch when no usable checkpoint exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+
+from herdsman import HerdsmanError
+from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
+from herdsman.events import TrainerPhase
+from trainer import faults, flight_recorder
+from trainer.checkpoint import Checkpointer, CheckpointError, latest_valid, now_requested
+from trainer.data import IGNORE, VOCAB_SIZE, PackedLoader
+from trainer.model import Transformer, model_args
+from trainer.stats import StatsWriter
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    attempt: int
+    host: str
+    device: torch.device
+
+
+def init_distributed(cfg: TrainerConfig) -> DistEnv:
+    """Form the process group. Each attempt gets its own key prefix in the store, so a restarted group never
+    reads a previous attempt's addresses (torchrun + gloo otherwise fails to reconnect; see FACTS.md)."""
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.fr_buffer_size))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    attempt = int(os.environ.get("HERDSMAN_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+    timeout = timedelta(seconds=cfg.collective_timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent hosts the store
+        base = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    else:
+        base = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=True)
+    store = dist.PrefixStore(f"/attempt_{attempt}", base)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    host = os.environ.get("HERDSMAN_HOST") or socket.gethostname()
+    return DistEnv(rank, world, local_rank, attempt, host, device)
+
+
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """End this rank if the process that started it (rank actor, warm-standby parent or torchrun) dies: an
+    orphaned rank would go on training and writing checkpoints beside its replacement. (PR_SET_PDEATHSIG is no
+    use here: it fires when the forking *thread* ends, and the standby is forked from a short-lived one.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print("[trainer] parent process died: exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak (the paper's schedule, scaled down)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_model(cfg: TrainerConfig, device: torch.device) -> Transformer:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank before sharding
+    model = Transformer(model_args(cfg.model, VOCAB_SIZE)).to(device)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(config: HerdsmanConfig) -> int:
+    cfg = config.trainer
+    t_start = time.time()
+    exit_with_parent()
+    env = init_distributed(cfg)
+    stats = StatsWriter(_env_path("HERDSMAN_STATS_DIR"), env.rank, env.host, env.attempt, gpu=env.local_rank)
+    stats.event(TrainerPhase.RENDEZVOUS, duration_s=time.time() - t_start)
+    control_dir, fr_dir = _env_path("HERDSMAN_CONTROL_DIR"), _env_path("HERDSMAN_FR_DIR")
+    backend = dist.get_backend()
+    watcher = flight_recorder.DumpOnRequest(control_dir, fr_dir, env.rank, env.attempt, backend).start()
+    step = 0
+    try:
+        t0 = time.time()
+        model = build_model(cfg, env.device)
+        optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        loader = PackedLoader(cfg.seed, cfg.seq_len, cfg.batch_size, env.rank, env.world_size)
+        ckpt = Checkpointer(config.checkpoint_dir, cfg.keep_checkpoints, env.rank, env.world_size)
+        info = latest_valid(config.checkpoint_dir, warn=lambda m: _log(env, m))
+        if info is None and os.environ.get("HERDSMAN_RESUME") == "required":
+            raise CheckpointError(f"no usable checkpoint in {config.checkpoint_dir}; refusing to train from scratch")
+        if info is not None:
+            state = ckpt.load(info, model, optim)
+            step = int(state["step"])
+            loader.load_state_dict(state["loader"])
+        stats.event(TrainerPhase.RESTORED, step=step, duration_s=time.time() - t0,
+                    message=str(info.path) if info else "fresh start")
+        _log(env, f"attempt {env.attempt}: {'resumed from ' + str(info.path) if info else 'fresh start'} at step {step}")
+
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
+        while step < cfg.steps:
+            faults.check(control_dir, env.rank, step + 1)
+            t0 = time.perf_counter()
+            step += 1
+            for g in optim.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            b = loader.next_batch()
+            tokens, doc_ids, targets = (x.to(env.device) for x in (b.tokens, b.doc_ids, b.targets))
+            with autocast:
+                logits = model(tokens, doc_ids)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            # the loss and the "checkpoint now" / "then exit" votes share one all-reduce: every rank learns all
+            save_now, then_exit = now_requested(control_dir, env.rank)
+            votes = torch.tensor([float(save_now), float(then_exit)], device=env.device)
+            reduced = torch.cat([loss.detach().float().reshape(1), votes])
+            dist.all_reduce(reduced)
+            if cfg.step_delay_s:
+                time.sleep(cfg.step_delay_s)
+            stats.step(step, time.perf_counter() - t0, tokens.numel(), reduced[0].item() / env.world_size)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or reduced[1].item() > 0:
+                blocked = ckpt.save(step, model, optim, {"step": step, "loader": loader.state_dict()})
+                stats.event(TrainerPhase.CHECKPOINT, step=step, duration_s=blocked)
+            if reduced[2].item() > 0:  # drained: the work is in the checkpoint just taken
+                _log(env, f"stopping after the requested checkpoint at step {step}")
+                break
+        stats.event(TrainerPhase.FINISHED, step=step, message="" if step >= cfg.steps else "drained")
+        watcher.stop()
+        dist.destroy_process_group()
+        return 0
+    except Exception as e:
+        tb = traceback.format_exc()
+        stats.event(TrainerPhase.FAILED, step=step, message=tb[-4000:])
+        flight_recorder.dump(fr_dir, env.rank, env.attempt, backend)
+        _log(env, f"failed at step {step}: {type(e).__name__}: {e}")
+        print(tb, file=sys.stderr, flush=True)
+        return 1
+
+
+def _env_path(name: str) -> Path | None:
+    v = os.environ.get(name)
+    return Path(v) if v else None
+
+
+def _log(env: DistEnv, message: str) -> None:
+    print(f"[trainer rank {env.rank}/{env.world_size} on {env.host}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="trainer.train", description="Herdsman's embedded Llama 3 trainer (one rank).")
+    p.add_argument("--config", help="Herdsman TOML config (the [trainer] section, run_dir and job are used)")
+    args = p.parse_args(argv)
+    try:
+        return train(load_config(args.config))
+    except HerdsmanError as e:
+        print(f"trainer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
