@@ -33,6 +33,7 @@ class RankSample:
     sm_clock_mhz: float | None
     max_sm_clock_mhz: float | None
     throttle_reasons: tuple[str, ...]
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class DriftFit:
 def join(stats: StepStats, gpu: GpuSample | None) -> RankSample:
     return RankSample(stats.rank, stats.host, stats.step, stats.time, stats.step_time_s, stats.tokens_per_s,
                       gpu.temperature_c if gpu else None, gpu.sm_clock_mhz if gpu else None,
-                      gpu.max_sm_clock_mhz if gpu else None, gpu.throttle_reasons if gpu else ())
+                      gpu.max_sm_clock_mhz if gpu else None, gpu.throttle_reasons if gpu else (), stats.attempt)
 
 
 def _reason(s: RankSample, peer_temps: list[float]) -> str:
@@ -71,7 +72,9 @@ def _reason(s: RankSample, peer_temps: list[float]) -> str:
         return "thermal"
     if any(r in s.throttle_reasons for r in POWER_REASONS):
         return "power"
-    if s.temperature_c is not None and peer_temps and s.temperature_c > statistics.median(peer_temps) + 10:
+    held = bool(s.sm_clock_mhz and s.max_sm_clock_mhz and s.sm_clock_mhz < 0.97 * s.max_sm_clock_mhz)
+    # Hotter than its peers only explains slowness if the clock is actually down (no reason bit on some drivers).
+    if held and s.temperature_c is not None and peer_temps and s.temperature_c > statistics.median(peer_temps) + 10:
         return "thermal"
     if s.sm_clock_mhz and s.max_sm_clock_mhz and s.sm_clock_mhz < 0.9 * s.max_sm_clock_mhz:
         return "clock"
@@ -86,8 +89,16 @@ class DriftTracker:
         self.samples: deque[RankSample] = deque(maxlen=window)
         self._by_rank: dict[int, deque[RankSample]] = {}
         self._window = window
+        self._attempt = 0
 
     def add(self, s: RankSample) -> None:
+        if s.attempt > self._attempt:
+            # A restarted job is a new set of ranks (new placement, cold caches): history of the old one would make
+            # every rank of the new attempt look like a straggler or drown a real one.
+            self._attempt = s.attempt
+            self._by_rank.clear()
+        elif s.attempt < self._attempt:
+            return  # a late line from a finished attempt
         self.samples.append(s)
         self._by_rank.setdefault(s.rank, deque(maxlen=max(self.recent * 4, self._window // 8))).append(s)
 
@@ -106,7 +117,9 @@ class DriftTracker:
             rel = t / fastest if fastest > 0 else 1.0
             ind = t / own if own > 0 else 1.0
             s = latest[r]
-            slow = rel > self.relative_threshold or ind > self.individual_threshold
+            # A rank's first steps (warm-up, restore) say nothing about its usual pace.
+            judged = len(self._by_rank[r]) >= 2 * self.recent
+            slow = judged and (rel > self.relative_threshold or ind > self.individual_threshold)
             peers = [x for x in temps if x != s.temperature_c]
             out.append(StragglerScore(r, s.host, round(rel, 4), round(ind, 4), slow,
                                       _reason(s, peers) if slow else "", s.temperature_c, s.sm_clock_mhz))

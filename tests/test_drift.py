@@ -42,6 +42,26 @@ def test_a_slow_rank_without_throttling_is_unknown_and_a_power_brake_is_power():
     assert not scores[0].straggler
 
 
+def test_a_restart_starts_a_fresh_history_and_heat_without_a_held_clock_is_not_thermal():
+    """The demo's CI flake: after a restart a rank number moved to another host; comparing the new rank's hot GPU
+    with a stale idle reading of the old attempt called a slow restore step 'thermal' and drained a healthy host."""
+    tr = DriftTracker()
+    for step in range(20):
+        tr.add(RankSample(2, "h", step, step, 1.0, 100, 40.0, 1980.0, 1980.0, (), attempt=0))
+    for step in range(3):  # attempt 1: hot (loaded) but at full clock, first steps slow (restore, warm-up)
+        tr.add(RankSample(1, "h", 20 + step, 20 + step, 1.6, 60, 76.0, 1960.0, 1980.0, (), attempt=1))
+    tr.add(RankSample(2, "h", 99, 99, 1.0, 100, 40.0, 1980.0, 1980.0, (), attempt=0))  # a late line: ignored
+    scores = {s.rank: s for s in tr.scores()}
+    assert set(scores) == {1}
+    assert not scores[1].straggler  # too little history yet to call it slow
+    for step in range(3, 12):
+        tr.add(RankSample(1, "h", 20 + step, 20 + step, 1.0 if step < 7 else 1.6, 60, 76.0, 1960.0, 1980.0, (),
+                          attempt=1))
+    tr.add(RankSample(3, "h", 40, 40, 1.0, 100, 40.0, 1980.0, 1980.0, (), attempt=1))
+    sc = {s.rank: s for s in tr.scores()}[1]
+    assert sc.straggler and sc.reason == "unknown"  # hot, but the clock is not held down: not thermal
+
+
 def test_diurnal_swing_is_recovered_by_the_fit():
     """Two days at 1 sample/10 min: ambient swings the GPUs by 15 C, costing 0.1 %/C of throughput (1.5 %)."""
     samples = []
