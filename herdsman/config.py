@@ -5,6 +5,7 @@
     [trainer]  the embedded Llama 3 run
     [controller] the control loop's timings and restart budget
     [store]    where interruptions are recorded
+    [simulate] the fleet-scale simulator's job, failure and timing model
 
 Unknown sections or keys and values of the wrong type are errors, reported as one line.
 """
@@ -153,6 +154,73 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class SimulateConfig:
+    """The fleet-scale simulator (`herdsman simulate`). Defaults: Llama 3 405B's run as the paper and common
+    practice describe it (16,384 GPUs, 54 days, Table 5 failure rates, checkpoint every 30 min, restart in minutes).
+    """
+
+    gpus: int = 16384
+    gpus_per_host: int = 8
+    days: float = 54.0
+    spare_hosts: int = 64
+    """Healthy idle hosts that can replace evicted ones."""
+    failure_scale: float = 1.0
+    """Multiplier on every Table 5 failure rate (2.0 = twice as many failures)."""
+    planned_per_day: float = 47 / 54
+    """Planned interruptions (firmware, config, dataset updates): checkpoint, drain, restart."""
+    lemon_share: float = 0.02
+    """Share of hosts that fail far more often than the rest."""
+    lemon_factor: float = 15.0
+    """A lemon's failure rate over a normal host's (the fleet-wide mean stays at Table 5's rate)."""
+    checkpoint_interval_s: float = 1800.0
+    checkpoint_stall_s: float = 15.0
+    """Training time each checkpoint blocks (synchronous save to remote storage)."""
+    detect_hardware_s: float = 60.0
+    """Failure to verdict when the GPU/host says what broke (Xid, ECC, kernel log)."""
+    detect_software_s: float = 30.0
+    """An exception or exit in the trainer."""
+    detect_hang_s: float = 600.0
+    """Collectives that stop: network, NIC, NCCL watchdog (the 10-minute NCCL timeout)."""
+    detect_sdc_s: float = 3600.0
+    """Silent data corruption, found by a loss spike or a checksum."""
+    detect_thermal_s: float = 1800.0
+    """A thermally throttled straggler, noticed and drained."""
+    restart_s: float = 180.0
+    """Teardown, placement, process start and rendezvous (NCCL init at 16K ranks)."""
+    restore_disk_s: float = 60.0
+    restore_memory_s: float = 0.0
+    """Restore from a peer's memory copy; 0 means no in-memory tier (always from disk)."""
+    repair_s: float = 86400.0
+    """Time an evicted host needs to come back (reset, diagnostics, part swap)."""
+    network_repair_s: float = 7200.0
+    lemon_repair_s: float = 1209600.0
+    """A host found to be a lemon goes to RMA and comes back as a normal one."""
+    maintenance_s: float = 14400.0
+    """Time a host spends in (planned or unplanned) maintenance."""
+    human_response_s: float = 3600.0
+    """A stop that pages a human (dependency break, crash loop, exhausted budget) costs this long."""
+    restart_budget: int = 1000
+    """Automatic restarts before a human must look (reset by each human intervention)."""
+    lemon_window_s: float = 14 * 86400.0
+    lemon_threshold: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.gpus >= self.gpus_per_host >= 1, "simulate.gpus must be >= simulate.gpus_per_host >= 1")
+        _check(self.days > 0, "simulate.days must be > 0")
+        _check(self.spare_hosts >= 0, "simulate.spare_hosts must be >= 0")
+        _check(self.failure_scale >= 0, "simulate.failure_scale must be >= 0")
+        _check(0 <= self.lemon_share < 1 and self.lemon_factor >= 1,
+               "simulate.lemon_share must be in [0, 1) and simulate.lemon_factor >= 1")
+        _check(self.checkpoint_interval_s > 0, "simulate.checkpoint_interval_s must be > 0")
+        _check(self.lemon_threshold >= 1, "simulate.lemon_threshold must be >= 1")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_s"):
+                _check(v >= 0, f"simulate.{f.name} must be >= 0")
+
+
+@dataclass(frozen=True)
 class HerdsmanConfig:
     run_dir: str = "herdsman-run"
     """Checkpoints, trainer stats, logs and the default database live here."""
@@ -163,6 +231,7 @@ class HerdsmanConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
     @property
     def store_url(self) -> str:

@@ -192,5 +192,80 @@ def checkpoint_verify(path: str) -> None:
         raise HerdsmanError(f"{bad} of {len(targets)} checkpoint(s) failed verification")
 
 
+@main.command()
+@config_option
+@click.option("--profile", "profile_name", type=click.Choice(["llama3", "herdsman"]),
+              help="Start from a named set of assumptions (see orchestrator/simulate.py) instead of [simulate].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one [simulate] value.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Runs per point, seeds seed..seed+N-1.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Sweep a [simulate] value; several --sweep options make a grid.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="simulate-sweep.png",
+              show_default=True, help="Where a sweep writes its ETTR plot.")
+def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str, ...], seeds: int,
+             sweeps: tuple[str, ...], json_path: str | None, plot_path: str) -> None:
+    """Simulate a training job on a large fleet with Herdsman's real policies: ETTR, Table 5 mix, MTTF/MTTR.
+
+    \b
+    herdsman simulate                                  # Llama 3 405B: 16,384 GPUs, 54 days
+    herdsman simulate --profile herdsman --seeds 10    # with Herdsman's measured figures, scaled
+    herdsman simulate --sweep checkpoint_interval_s=300,900,1800 --sweep restart_s=60,180 --seeds 5
+    """
+    import dataclasses
+    import json
+    import statistics
+
+    from tabulate import tabulate
+
+    from orchestrator import simulate as sim
+    from orchestrator.report import render_simulation
+
+    base = load_config(config_path).simulate
+    if profile_name:
+        base = dataclasses.replace(base, **sim.PROFILES[profile_name])
+    if seeds < 1:
+        raise HerdsmanError("--seeds must be >= 1")
+    overrides: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise HerdsmanError(f"--set takes KEY=VALUE, got {item!r}")
+        (overrides[key],) = sim.parse_values(base, key, value)[:1] or [None]
+    base = dataclasses.replace(base, **overrides)
+    grid: dict[str, list[Any]] = {}
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise HerdsmanError(f"--sweep takes KEY=V1,V2,..., got {item!r}")
+        grid[key] = sim.parse_values(base, key, values)
+    if not grid:
+        results = [sim.simulate(dataclasses.replace(base, seed=base.seed + s)) for s in range(seeds)]
+        click.echo(render_simulation(results[0]))
+        if seeds > 1:
+            e = [r.ettr for r in results]
+            n = [len(r.interruptions) for r in results]
+            click.echo(f"\nover {seeds} seeds: ETTR {100 * statistics.mean(e):.2f}% +- {100 * statistics.stdev(e):.2f} "
+                       f"(min {100 * min(e):.2f}%), interruptions {statistics.mean(n):.1f} +- "
+                       f"{statistics.stdev(n):.1f}")
+        if json_path:
+            Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=1))
+        return
+    total = seeds * len(list(__import__("itertools").product(*grid.values())))
+    with click.progressbar(length=total, label=f"{total} runs", file=sys.stderr) as bar:
+        rows = sim.sweep(base, grid, seeds, on_run=lambda: bar.update(1))
+    table = [[*r.params.values(), f"{100 * r.mean('ettr'):.2f}", f"{100 * r.std('ettr'):.2f}",
+              f"{r.mean('interruptions'):.0f}", f"{r.mean('mttr') / 60:.1f}", f"{r.mean('spares_used'):.0f}"]
+             for r in rows]
+    click.echo(tabulate(table, headers=[*grid, "ETTR %", "+-", "interruptions", "MTTR min", "spares used"]))
+    sim.sweep_plot(rows, grid, plot_path)
+    click.echo(f"plot: {plot_path}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"base": dataclasses.asdict(base), "grid": grid, "seeds": seeds,
+                                               "rows": [{"params": r.params, "ettr": r.ettr,
+                                                         "interruptions": r.interruptions, "mttr_s": r.mttr,
+                                                         "spares_used": r.spares_used} for r in rows]}, indent=1))
+
+
 if __name__ == "__main__":
     main()

@@ -23,6 +23,9 @@ class Decision:
     reason: str
 
 
+_USABLE = (HostState.HEALTHY, HostState.SPARE, HostState.SUSPECT)
+
+
 class HostPool:
     """Every host Herdsman knows and its state. Active hosts are HEALTHY; idle healthy ones are SPARE."""
 
@@ -66,33 +69,36 @@ class HostPool:
                 self._set(h, HostState.SPARE, "heartbeats resumed", now)
 
     def usable(self) -> list[str]:
-        return sorted(h for h, s in self.status.items() if s.state in (HostState.HEALTHY, HostState.SPARE,
-                                                                        HostState.SUSPECT))
+        return sorted(h for h, s in self.status.items() if s.state in _USABLE)
 
     def place(self, n: int, previous: list[str]) -> list[str] | None:
-        """n hosts for the next attempt: the previous ones that are still usable (stable ranks), then spares."""
+        """n hosts for the next attempt: the previous ones that are still usable (stable ranks), then spares,
+        suspects last. Linear in the pool (the simulator calls it with thousands of hosts)."""
         usable = self.usable()
-        keep = [h for h in previous if h in usable]
-        fresh = [h for h in usable if h not in keep and self.status[h].state == HostState.SPARE]
-        fresh += [h for h in usable if h not in keep and h not in fresh]  # suspects last
-        chosen = (keep + fresh)[:n]
+        usable_set = set(usable)
+        keep = [h for h in previous if h in usable_set]
+        kept = set(keep)
+        spares = [h for h in usable if h not in kept and self.status[h].state == HostState.SPARE]
+        rest = [h for h in usable if h not in kept and self.status[h].state != HostState.SPARE]
+        chosen = (keep + spares + rest)[:n]
         return chosen if len(chosen) == n else None
 
-    def activate(self, hosts: list[str]) -> None:
+    def activate(self, hosts: list[str], now: float | None = None) -> None:
+        placed = set(hosts)
         for h in hosts:
             if self.status[h].state == HostState.SPARE:
-                self._set(h, HostState.HEALTHY, "placed in the job")
+                self._set(h, HostState.HEALTHY, "placed in the job", now)
         for h, st in self.status.items():
-            if h not in hosts and st.state == HostState.HEALTHY:
-                self._set(h, HostState.SPARE, "not placed in the job")
+            if h not in placed and st.state == HostState.HEALTHY:
+                self._set(h, HostState.SPARE, "not placed in the job", now)
 
-    def quarantine(self, host: str, reason: str) -> None:
-        self._set(host, HostState.QUARANTINED, reason)
+    def quarantine(self, host: str, reason: str, now: float | None = None) -> None:
+        self._set(host, HostState.QUARANTINED, reason, now)
 
-    def return_to_service(self, host: str, reason: str) -> None:
+    def return_to_service(self, host: str, reason: str, now: float | None = None) -> None:
         """After a passed health check: back to the spare pool."""
         if host in self.status:
-            self._set(host, HostState.SPARE, reason)
+            self._set(host, HostState.SPARE, reason, now)
 
     def suspect(self, host: str, reason: str) -> None:
         if self.status.get(host) and self.status[host].state in (HostState.HEALTHY, HostState.SPARE):
@@ -127,7 +133,7 @@ class RestartPolicy:
                             "burning restarts")
         # the first failure after progress restarts at once; repeated failures without progress back off
         n = failures_without_progress
-        backoff = 0.0 if n <= 1 else min(60.0, self.cfg.restart_backoff_s * 2 ** (n - 2))
+        backoff = 0.0 if n <= 1 else min(60.0, self.cfg.restart_backoff_s * 2 ** min(n - 2, 30))  # no overflow
         if facts.host_fault and verdict.hosts:
             return Decision(facts.action, verdict.hosts, backoff,
                             f"{verdict.cause.value}: evict {', '.join(verdict.hosts)} and restart on healthy hosts")

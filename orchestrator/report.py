@@ -9,12 +9,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
 from herdsman.events import Interruption
 from herdsman.taxonomy import RootCause
 from orchestrator.store import JobRecord, Store
+
+if TYPE_CHECKING:
+    from orchestrator.simulate import SimResult
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,11 @@ def summarize(store: Store, job: str) -> Summary:
 
 
 def table5(interruptions: list[Interruption]) -> list[list[object]]:
-    counts = Counter(i.verdict.cause for i in interruptions)
+    return table5_rows(Counter(i.verdict.cause for i in interruptions))
+
+
+def table5_rows(counts: Counter[RootCause]) -> list[list[object]]:
+    """Component, category, cause, count, share: Table 5's columns, most frequent first."""
     total = sum(counts.values())
     rows = []
     for cause in sorted(counts, key=lambda c: (-counts[c], list(RootCause).index(c))):
@@ -103,3 +111,27 @@ def render_text(s: Summary) -> str:
 
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def render_simulation(r: "SimResult") -> str:
+    """A simulated run in the same shape as a real job's report."""
+    c = r.cfg
+    out = [f"Simulated {c.days:g} days on {c.gpus:,} GPUs ({c.gpus // c.gpus_per_host:,} hosts + {c.spare_hosts} "
+           f"spares), seed {c.seed}: {len(r.interruptions)} interruptions ({len(r.unexpected)} unexpected, "
+           f"{len(r.interruptions) - len(r.unexpected)} planned)", ""]
+    out.append("Unexpected interruptions by root cause (Llama 3 Table 5 categories)")
+    rows = table5_rows(r.by_cause)
+    out.append(tabulate(rows, headers=["Component", "Category", "RootCause", "Count", "%"]) if rows else "  none")
+    out.append("")
+    out.append(f"Effective training time (ETTR): {100 * r.ettr:.2f}%")
+    out.append(tabulate([[k, f"{v / 3600:.1f}", f"{100 * v / r.wall_s:.2f}%"] for k, v in r.split.items()],
+                        headers=["time", "hours", "share"]))
+    mttf, mttr = r.mttf_s, r.mttr_s
+    out.append(f"MTTF: {'-' if mttf is None else f'{mttf / 3600:.2f} h'}   "
+               f"MTTR: {'-' if mttr is None else f'{mttr / 60:.1f} min'}   spares used: {r.spares_used}   "
+               f"waits for hosts: {r.waits_for_hosts}   human interventions: {r.human_interventions}")
+    out.append(f"lemons: {r.lemons_flagged} hosts flagged, {r.lemons_found} of the {r.lemon_hosts} real ones")
+    gpu_days = c.gpus * c.days
+    out.append(f"simulated in {r.sim_wall_s:.2f} s ({gpu_days / max(r.sim_wall_s, 1e-9):,.0f} GPU-days/s); "
+               f"policies {r.policy_us_per_event:.0f} us per interruption")
+    return "\n".join(out)

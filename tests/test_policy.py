@@ -73,6 +73,7 @@ def test_budget_backoff_and_crash_loop():
     assert policy(max_restarts=2).decide(bug, [], 2, 0).action == Action.STOP
     p = policy(restart_backoff_s=1.0)
     assert [p.decide(bug, [], 0, n).backoff_s for n in (0, 1, 2, 3, 4)] == [0.0, 0.0, 1.0, 2.0, 4.0]
+    assert p.decide(bug, [], 0, 5000).backoff_s == 60.0  # capped, and 2**5000 does not overflow (found by the simulator)
     assert p.decide(bug, [bug], 1, 1).action == Action.RESTART  # twice is not yet a loop
     same_elsewhere = Verdict(RootCause.SOFTWARE_BUG, 0.8, ("h3",), (2,), ("[h3 rank2] ValueError: x",))
     d = p.decide(same_elsewhere, [bug, bug], 2, 2)  # the third time, whichever rank raised it

@@ -1,0 +1,464 @@
+"""A discrete-event simulator of one large training job on a fleet, driving Herdsman's real policies.
+
+The job needs `gpus / gpus_per_host` hosts; a pool of spares stands by. Failures arrive as Poisson processes whose
+rates come from Llama 3's Table 5 (counts over 54 days on 16,384 GPUs), scaled to the job's size: hardware causes
+strike one host (a few lemon hosts many times more often than the rest), software and collective causes strike the
+job. Each failure becomes a Verdict (the cause is taken as diagnosed correctly) and goes through the controller's own
+`RestartPolicy`, `LemonDetector` and `HostPool`, on a simulated clock: evicted hosts leave for repair and come back,
+spares replace them, a stop pages a human. Time is split exactly as in the real reports (DESIGN.md): productive,
+checkpoint stalls, detection, restart, restore, lost work, idle.
+
+Stated simplifications: no failures strike while the job is down (restarting or waiting); spares do not fail while
+idle; a failure during a checkpoint save loses that checkpoint; the in-memory tier, when on, always holds a copy of
+the latest checkpoint (one host lost at a time).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import heapq
+import itertools
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from herdsman.config import ConfigError, ControllerConfig, SimulateConfig
+from herdsman.events import Verdict
+from herdsman.taxonomy import TABLE5_UNEXPECTED, Action, RootCause
+from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
+
+DAY = 86400.0
+TABLE5_DAYS, TABLE5_GPUS = 54.0, 16384
+SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
+
+# How each cause is noticed: which detection time of the config applies.
+_DETECT = {
+    RootCause.SOFTWARE_BUG: "detect_software_s", RootCause.DEPENDENCY: "detect_software_s",
+    RootCause.NETWORK_SWITCH_CABLE: "detect_hang_s", RootCause.NIC: "detect_hang_s",
+    RootCause.NCCL_WATCHDOG_TIMEOUT: "detect_hang_s", RootCause.SILENT_DATA_CORRUPTION: "detect_sdc_s",
+    RootCause.GPU_THERMAL_INTERFACE_SENSOR: "detect_thermal_s", RootCause.HOST_MAINTENANCE: None,
+}
+# Causes that strike one host (the rest strike the job as a whole).
+HOST_CAUSES = tuple(c for c in RootCause if c.facts.host_fault and c.facts.table5_count)
+JOB_CAUSES = tuple(c for c in RootCause if not c.facts.host_fault and c.facts.table5_count)
+
+# Named starting points; the fields they set are the stated assumptions.
+PROFILES: dict[str, dict[str, Any]] = {
+    # Llama 3 405B as reported and as common practice had it (the config defaults): synchronous checkpoints every
+    # 30 min to a fast storage cluster (15 s stall), 3 min to tear down, reschedule and re-initialize NCCL on 16K
+    # ranks, 1 min to restore from storage, the 10-minute NCCL timeout for hangs, 64 spare hosts, 1-day repairs.
+    "llama3": {},
+    # Herdsman's measured figures (bench/mttr.py: detection 0.96 s, restart 0.05 s, restore 1.07 s for 3 ranks),
+    # scaled to 16K GPUs: rendezvous and NCCL init grow with the job (assumed 60 s at 2,048 hosts), the async save
+    # blocks only for the device-to-host snapshot (assumed 2 s for 405B over 16K GPUs), so checkpoints every 5 min
+    # are cheap; restore from a peer's memory copy (assumed 20 s); hangs caught by the 120 s hang timeout plus the
+    # flight-recorder dump; SDC by the cross-rank checksum every checkpoint interval.
+    "herdsman": {
+        "checkpoint_interval_s": 300.0, "checkpoint_stall_s": 2.0, "detect_hardware_s": 5.0,
+        "detect_software_s": 5.0, "detect_hang_s": 130.0, "detect_sdc_s": 300.0, "detect_thermal_s": 600.0,
+        "restart_s": 60.0, "restore_memory_s": 20.0,
+    },
+}
+
+
+def profile(name: str, **overrides: Any) -> SimulateConfig:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown simulation profile {name!r} (known: {', '.join(PROFILES)})")
+    return dataclasses.replace(SimulateConfig(), **{**PROFILES[name], **overrides})
+
+
+def table5_rates(cfg: SimulateConfig) -> dict[RootCause, float]:
+    """Failures per second, for the whole job, per cause: Table 5's count over 54 days, scaled by job size."""
+    per_s = cfg.failure_scale * (cfg.gpus / TABLE5_GPUS) / (TABLE5_DAYS * DAY)
+    return {c: c.facts.table5_count * per_s for c in HOST_CAUSES + JOB_CAUSES}
+
+
+@dataclass(frozen=True)
+class SimInterruption:
+    time: float
+    cause: RootCause
+    planned: bool
+    hosts: tuple[str, ...]
+    detection_s: float
+    restart_s: float
+    restore_s: float
+    lost_work_s: float
+    idle_s: float
+    action: Action
+    reason: str
+    drain_stall_s: float = 0.0  # the fresh checkpoint a drain takes before going down
+
+
+@dataclass
+class SimResult:
+    cfg: SimulateConfig
+    wall_s: float
+    split: dict[str, float]
+    interruptions: list[SimInterruption]
+    spares_used: int = 0
+    lemons_flagged: int = 0
+    lemons_found: int = 0  # of those, hosts that really were lemons
+    lemon_hosts: int = 0
+    human_interventions: int = 0
+    waits_for_hosts: int = 0
+    policy_calls: int = 0
+    policy_s: float = 0.0
+    sim_wall_s: float = 0.0
+
+    @property
+    def ettr(self) -> float:
+        return self.split["productive"] / self.wall_s
+
+    @property
+    def unexpected(self) -> list[SimInterruption]:
+        return [i for i in self.interruptions if not i.planned]
+
+    @property
+    def by_cause(self) -> Counter[RootCause]:
+        return Counter(i.cause for i in self.unexpected)
+
+    @property
+    def mttf_s(self) -> float | None:
+        n = len(self.unexpected)
+        return self.wall_s / n if n else None
+
+    @property
+    def mttr_s(self) -> float | None:
+        its = self.interruptions
+        return sum(i.detection_s + i.restart_s + i.restore_s for i in its) / len(its) if its else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.cfg), "wall_s": self.wall_s, "ettr": self.ettr, "split": self.split,
+            "interruptions": len(self.interruptions), "unexpected": len(self.unexpected),
+            "planned": len(self.interruptions) - len(self.unexpected),
+            "by_cause": {c.value: n for c, n in self.by_cause.most_common()},
+            "mttf_s": self.mttf_s, "mttr_s": self.mttr_s, "spares_used": self.spares_used,
+            "lemons_flagged": self.lemons_flagged, "lemons_found": self.lemons_found, "lemon_hosts": self.lemon_hosts,
+            "human_interventions": self.human_interventions, "waits_for_hosts": self.waits_for_hosts,
+            "policy_calls": self.policy_calls, "policy_us_per_event": self.policy_us_per_event,
+            "sim_wall_s": self.sim_wall_s,
+        }
+
+    @property
+    def policy_us_per_event(self) -> float:
+        return 1e6 * self.policy_s / max(1, len(self.interruptions))
+
+
+@dataclass
+class _Segment:
+    """Training since the last (re)start: checkpoints every interval of work, each blocking for the stall."""
+
+    start: float
+
+    def account(self, t: float, cfg: SimulateConfig, lost: bool = True) -> dict[str, float]:
+        e = max(0.0, t - self.start)
+        cycle = cfg.checkpoint_interval_s + cfg.checkpoint_stall_s
+        k = math.floor(e / cycle)
+        r = e - k * cycle
+        work, stall = min(r, cfg.checkpoint_interval_s), max(0.0, r - cfg.checkpoint_interval_s)
+        out = {"productive": k * cfg.checkpoint_interval_s, "checkpoint": k * cfg.checkpoint_stall_s + stall}
+        if lost:
+            out["lost_work"] = work
+        else:
+            out["productive"] += work
+        return out
+
+    @staticmethod
+    def committed(t: float, start: float, cfg: SimulateConfig) -> bool:
+        return t - start >= cfg.checkpoint_interval_s + cfg.checkpoint_stall_s
+
+
+class Simulation:
+    """One run. `Simulation(cfg).run()`; the policies are the controller's classes, called as the controller does."""
+
+    def __init__(self, cfg: SimulateConfig):
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.n_job = cfg.gpus // cfg.gpus_per_host
+        n_all = self.n_job + cfg.spare_hosts
+        self.hosts = [f"h{i:05d}" for i in range(n_all)]
+        lemons = set(self.rng.sample(self.hosts, round(cfg.lemon_share * n_all))) if cfg.lemon_share else set()
+        self.base_weight = 1.0 / (1 - cfg.lemon_share + cfg.lemon_share * cfg.lemon_factor)
+        self.weight = {h: self.base_weight * (cfg.lemon_factor if h in lemons else 1.0) for h in self.hosts}
+        self.lemons = lemons
+        self.pool = HostPool()
+        self.pool.sync(self.hosts)
+        ctl = ControllerConfig(max_restarts=cfg.restart_budget, lemon_window_s=cfg.lemon_window_s, lemon_threshold=cfg.lemon_threshold)
+        self.policy = RestartPolicy(ctl)
+        self.lemon = LemonDetector(ctl.lemon_window_s, ctl.lemon_threshold)
+        rates = table5_rates(cfg)
+        # per host at weight 1 (the fleet's mean): the job's rate shared by its hosts
+        self.host_rate = {c: rates[c] / self.n_job for c in HOST_CAUSES}
+        self.host_rate_sum = sum(self.host_rate.values())
+        self.job_rate = {c: rates[c] for c in JOB_CAUSES}
+        self.planned_rate = cfg.planned_per_day / DAY
+        self.returns: list[tuple[float, int, str, str]] = []  # (when, tiebreak, host, why) for hosts in repair
+        self._tick = itertools.count()
+        self.split = dict.fromkeys(SPLIT, 0.0)
+        self.result = SimResult(cfg, cfg.days * DAY, self.split, [], lemon_hosts=len(lemons))
+        self.history: list[Verdict] = []
+        self.restarts = self.no_progress = 0
+        self.hold_until = 0.0
+
+    # --- the fleet --------------------------------------------------------------------------------------------
+    def _place(self, previous: list[str], now: float) -> list[str] | None:
+        hosts = self._timed(self.pool.place, self.n_job, previous)
+        if hosts is None:
+            return None
+        self.result.spares_used += len(set(hosts) - set(previous)) if previous else 0
+        self._timed(self.pool.activate, hosts, now)
+        self.pool.changes.clear()
+        self.active = hosts
+        self.cum = list(itertools.accumulate(self.weight[h] for h in hosts))
+        return hosts
+
+    def _return_due(self, now: float) -> None:
+        while self.returns and self.returns[0][0] <= now:
+            t, _, h, why = heapq.heappop(self.returns)
+            self._timed(self.pool.return_to_service, h, why, t)
+
+    def _evict(self, hosts: Iterable[str], cause: RootCause, now: float, lemons: list[str]) -> None:
+        for h in hosts:
+            self._timed(self.pool.quarantine, h, cause.value, now)
+            if h in lemons:
+                self.result.lemons_flagged += 1
+                self.result.lemons_found += h in self.lemons
+                self.weight[h] = self.base_weight  # RMA: comes back as a normal host
+                back = self.cfg.lemon_repair_s
+            elif cause in (RootCause.HOST_MAINTENANCE,):
+                back = self.cfg.maintenance_s
+            elif cause == RootCause.NETWORK_SWITCH_CABLE:
+                back = self.cfg.network_repair_s
+            else:
+                back = self.cfg.repair_s
+            heapq.heappush(self.returns, (now + back, next(self._tick), h, f"repaired after {cause.value}"))
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.result.policy_s += time.perf_counter() - t0
+            self.result.policy_calls += 1
+
+    # --- failures -----------------------------------------------------------------------------------------------
+    def _next_event(self, now: float) -> tuple[float, RootCause, tuple[str, ...], bool]:
+        host_total = self.host_rate_sum * self.cum[-1]
+        job_total = sum(self.job_rate.values())
+        total = host_total + job_total + self.planned_rate
+        if total <= 0:
+            return math.inf, RootCause.UNKNOWN, (), False
+        t = now + self.rng.expovariate(total)
+        u = self.rng.random() * total
+        if u < self.planned_rate:
+            return t, RootCause.HOST_MAINTENANCE, (self.rng.choice(self.active),), True
+        u -= self.planned_rate
+        if u < job_total:
+            return t, _pick(self.job_rate, u), (), False
+        u = (u - job_total) / self.cum[-1]  # per unit weight now
+        cause = _pick(self.host_rate, min(u, self.host_rate_sum * (1 - 1e-12)))
+        i = bisect.bisect_left(self.cum, self.rng.random() * self.cum[-1])
+        return t, cause, (self.active[min(i, len(self.active) - 1)],), False
+
+    def _detection(self, cause: RootCause) -> float:
+        key = _DETECT.get(cause, "detect_hardware_s")
+        return 0.0 if key is None else getattr(self.cfg, key)
+
+    # --- the run --------------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        t0 = time.perf_counter()
+        cfg, end = self.cfg, self.cfg.days * DAY
+        if self._place([], 0.0) is None:
+            raise ConfigError("simulate: not enough hosts for the job")
+        clock, up_at = 0.0, 0.0  # the last event; when the job trains again (after detection, restart, restore)
+        while True:
+            t, cause, hosts, planned = self._next_event(clock)
+            if t >= end:
+                if up_at < end:
+                    self._add(_Segment(up_at).account(end, cfg, lost=False))
+                else:
+                    self._cut_recovery(up_at - end)
+                break
+            self._return_due(t)
+            drained = planned or cause.facts.action == Action.DRAIN
+            if t < up_at:  # it struck the job while it was recovering: that recovery stops here and starts over
+                self._cut_recovery(up_at - t)
+                acc: dict[str, float] = {}
+                progressed = False
+            else:
+                acc = _Segment(up_at).account(t, cfg, lost=not drained)
+                if drained:  # a fresh checkpoint before going down: nothing lost, one more stall
+                    acc["checkpoint"] = acc.get("checkpoint", 0.0) + cfg.checkpoint_stall_s
+                progressed = _Segment.committed(t, up_at, cfg)
+            self._add(acc)
+            self.no_progress = 1 if progressed else self.no_progress + 1
+            detect = 0.0 if planned else self._detection(cause)
+            stall = cfg.checkpoint_stall_s if drained and "checkpoint" in acc else 0.0
+            now = t + stall + detect
+            self.n_events = getattr(self, "n_events", 0) + 1
+            # distinct text per event: a crash loop is the same failure again, not the same cause again
+            verdict = Verdict(cause, 1.0, hosts, (), (f"simulated {cause.value} #{self.n_events}",),
+                              cause.facts.action, "planned maintenance" if planned else "simulated failure")
+            idle = 0.0
+            if planned:
+                action, evict, reason = Action.DRAIN, hosts, "planned maintenance: drain"
+                self._evict(hosts, RootCause.HOST_MAINTENANCE, now, [])
+            else:
+                lemons = self._timed(self.lemon.implicate, verdict, now)
+                decision = self._timed(self.policy.decide, verdict, self.history, self.restarts, self.no_progress)
+                self.history.append(verdict)
+                action, evict, reason = decision.action, decision.evict, decision.reason
+                idle = decision.backoff_s
+                if action == Action.STOP:  # a human looks, fixes, and restarts by hand; the budget starts over
+                    self.result.human_interventions += 1
+                    self.hold_until = max(self.hold_until, now + cfg.human_response_s)
+                    self.restarts, self.history = 0, []
+                self._evict(set(evict) | set(lemons), cause, now, lemons)
+            # a human already on it holds the restart, whatever else breaks meanwhile
+            idle = max(idle, self.hold_until - now)
+            self.restarts += 1
+            # wait for enough hosts (repairs coming back) before the restart can be placed
+            ready = now + idle  # absolute times: `now + (t - now)` can round below t and never arrive
+            while True:
+                self._return_due(ready)
+                if self._place(self.active, ready) is not None:
+                    break
+                if not self.returns:
+                    raise ConfigError("simulate: the job can never be placed again (no host in repair)")
+                self.result.waits_for_hosts += 1
+                ready = max(ready, self.returns[0][0])
+            idle = ready - now
+            restore = cfg.restore_memory_s if cfg.restore_memory_s > 0 and action != Action.STOP \
+                else cfg.restore_disk_s
+            for k, v in (("detection", detect), ("idle", idle), ("restart", cfg.restart_s), ("restore", restore)):
+                self.split[k] += v
+            self.result.interruptions.append(SimInterruption(
+                t, cause, planned, tuple(evict), detect, cfg.restart_s, restore, acc.get("lost_work", 0.0), idle,
+                action, reason, stall))
+            clock, up_at = t, now + idle + cfg.restart_s + restore
+        self.result.sim_wall_s = time.perf_counter() - t0
+        return self.result
+
+    def _cut_recovery(self, excess: float) -> None:
+        """The last recovery did not run to its end: take the unused tail off its restore, restart, idle,
+        detection and drain checkpoint, in that order (latest first), in the split and in its record."""
+        last = self.result.interruptions[-1]
+        parts = {"restore": last.restore_s, "restart": last.restart_s, "idle": last.idle_s,
+                 "detection": last.detection_s, "checkpoint": last.drain_stall_s}
+        for k in parts:
+            cut = min(excess, parts[k])
+            parts[k] -= cut
+            self.split[k] -= cut
+            excess -= cut
+        self.result.interruptions[-1] = dataclasses.replace(
+            last, restore_s=parts["restore"], restart_s=parts["restart"], idle_s=parts["idle"],
+            detection_s=parts["detection"], drain_stall_s=parts["checkpoint"])
+
+    def _add(self, acc: dict[str, float]) -> None:
+        for k, v in acc.items():
+            self.split[k] += v
+
+
+def _pick(rates: dict[RootCause, float], u: float) -> RootCause:
+    for c, r in rates.items():
+        if u < r:
+            return c
+        u -= r
+    return next(reversed(rates))
+
+
+def simulate(cfg: SimulateConfig) -> SimResult:
+    return Simulation(cfg).run()
+
+
+# --- sweeps ---------------------------------------------------------------------------------------------------
+@dataclass
+class SweepRow:
+    params: dict[str, Any]
+    ettr: list[float] = field(default_factory=list)
+    interruptions: list[int] = field(default_factory=list)
+    mttr: list[float] = field(default_factory=list)
+    spares_used: list[int] = field(default_factory=list)
+
+    def mean(self, name: str) -> float:
+        xs = getattr(self, name)
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    def std(self, name: str) -> float:
+        xs = getattr(self, name)
+        m = self.mean(name)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+def parse_values(cfg: SimulateConfig, key: str, text: str) -> list[Any]:
+    """`key=v1,v2` values, typed as the config field."""
+    fields = {f.name: f for f in dataclasses.fields(SimulateConfig)}
+    if key not in fields:
+        raise ConfigError(f"unknown simulate parameter {key!r} (known: {', '.join(fields)})")
+    typ = type(getattr(cfg, key))
+    try:
+        return [typ(v) if typ is not int else int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"simulate.{key} takes {typ.__name__} values, got {text!r}") from None
+
+
+def sweep(base: SimulateConfig, grid: dict[str, list[Any]], seeds: int,
+          on_run: Callable[[], None] | None = None) -> list[SweepRow]:
+    rows = []
+    for combo in itertools.product(*grid.values()):
+        params = dict(zip(grid, combo))
+        row = SweepRow(params)
+        for s in range(seeds):
+            r = simulate(dataclasses.replace(base, **params, seed=base.seed + s))
+            row.ettr.append(r.ettr)
+            row.interruptions.append(len(r.interruptions))
+            row.mttr.append(r.mttr_s or 0.0)
+            row.spares_used.append(r.spares_used)
+            if on_run:
+                on_run()
+        rows.append(row)
+    return rows
+
+
+def sweep_plot(rows: list[SweepRow], grid: dict[str, list[Any]], path: str) -> None:
+    """ETTR against the first swept parameter, one line per combination of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(grid)
+    x_key, others = keys[0], keys[1:]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    groups: dict[tuple, list[SweepRow]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.params[k] for k in others), []).append(r)
+    for label, rs in groups.items():
+        xs = [r.params[x_key] for r in rs]
+        ys = [100 * r.mean("ettr") for r in rs]
+        err = [100 * r.std("ettr") for r in rs]
+        name = ", ".join(f"{k}={v}" for k, v in zip(others, label)) or "ETTR"
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("effective training time (%)")
+    ax.grid(alpha=0.3)
+    if len(groups) > 1 or others:
+        ax.legend(fontsize=8)
+    ax.set_title("Simulated ETTR")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def expected_unexpected(cfg: SimulateConfig) -> float:
+    """Unexpected interruptions the rates predict for the window, ignoring downtime (about TABLE5_UNEXPECTED)."""
+    return sum(table5_rates(cfg).values()) * cfg.days * DAY
+
+
+__all__ = ["PROFILES", "SimResult", "SimInterruption", "Simulation", "SweepRow", "TABLE5_UNEXPECTED",
+           "expected_unexpected", "parse_values", "profile", "simulate", "sweep", "sweep_plot", "table5_rates"]
