@@ -129,6 +129,8 @@ class ControllerConfig:
     """No completed step for this long while every rank is alive is a hang: dumps are taken, the group restarted."""
     dump_wait_s: float = 3.0
     """How long to wait for live ranks to write their flight-recorder dumps after asking."""
+    controller_restarts: int = 3
+    """How often Ray restarts a controller whose process died; the new one carries on from the store."""
     warm_standby: bool = True
     """Keep one pre-imported trainer process per rank ready, so a restart skips the ~2 s torch import."""
 

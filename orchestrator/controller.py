@@ -36,6 +36,7 @@ from orchestrator.diagnose import Failure, diagnose, hardware_cause
 from orchestrator.hangs import flight_recorder_evidence
 from orchestrator.operations import Operations
 from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
+from orchestrator.recovery import Recovered, recover
 from orchestrator.store import Store
 from orchestrator.workers import GroupStatus, WorkerGroup, close_actor
 
@@ -135,8 +136,53 @@ class Controller(Operations):
         self._requests: list[tuple[str, str]] = []  # operator requests for the loop: (restart | stop, reason)
         self._api = None
         self.api_url = ""
-        self.store.upsert_job(config.job, state="scheduling", started_at=self.started_at,
-                              target_step=config.trainer.steps, ended_at=None, message="")
+        self.recovered = recover(self.store, config.job, self.run_dir)
+        if self.recovered is not None:
+            self._carry_on(self.recovered)
+        else:
+            self.store.upsert_job(config.job, state="scheduling", started_at=self.started_at,
+                                  target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
+                                  last_step=0, productive_s=0.0, checkpoint_s=0.0)
+
+    def _carry_on(self, r: Recovered) -> None:
+        """A restarted controller (Ray's max_restarts) picks the job up where the dead one left it.
+
+        The dead controller's rank actors died with it (Ray's ownership), so the attempt it ran is over: that is an
+        interruption of its own, unless the dead one had already recorded the attempt's failure.
+        """
+        self.started_at = r.job.started_at
+        self.step_time, self.last_step, self.last_step_at = r.step_time, r.last_step, r.last_step_at
+        self.ckpt_at, self.ckpt_stall_s, self.resumed_at = r.ckpt_at, r.ckpt_stall_s, r.resumed_at
+        self.last_loss = r.last_loss
+        for it in r.interruptions:  # the crash-loop guard and the lemon detector remember
+            self.verdicts.append(it.verdict)
+            self.lemons.implicate(it.verdict, it.failed_at)
+        self.restarts = sum(1 for it in r.interruptions if not it.planned)
+        self.previous = sorted(h for h, st in self.pool.status.items() if st.state == HostState.HEALTHY)
+        if r.interrupted_attempt_recorded:
+            last = max(r.interruptions, key=lambda it: it.attempt)
+            self.attempt = last.attempt + 1
+            self.pending = last if last.resumed_at is None else None
+        else:
+            now = time.time()
+            lost = r.job.attempt
+            verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (
+                f"herdsman controller restarted during attempt {lost}; the trainer ranks it owned ended with it",),
+                Action.RESTART, "the controller itself failed (no host is blamed)")
+            it = Interruption(self.cfg.job, lost, verdict, r.last_step_at.get(lost, now), now,
+                              last_step=r.last_step.get(lost, 0))
+            self.store.record_interruption(it)
+            self.verdicts.append(verdict)
+            self.restarts += 1
+            self.pending = it
+            self.attempt = lost + 1
+        self.store.upsert_job(self.cfg.job, state="scheduling", attempt=self.attempt)
+        self._decide(f"controller restarted: carrying on job {self.cfg.job} at attempt {self.attempt}, "
+                     f"step {max(self.step_time) if self.step_time else 0}, {len(self.verdicts)} verdict(s) so far, "
+                     f"checkpoints up to step {max(self.ckpt_at) if self.ckpt_at else '-'}")
+        # Ray re-ran only the constructor: serve and loop again without waiting for the launcher
+        self.start_api()
+        self.start()
 
     # --- agents push here -----------------------------------------------------------------------------------
     def report(self, r: AgentReport) -> None:
@@ -249,7 +295,7 @@ class Controller(Operations):
         self.group, self.previous = group, hosts
         self._decide(f"attempt {self.attempt}: starting {group.world_size} ranks on {', '.join(hosts)}")
         group.start()
-        self.store.upsert_job(self.cfg.job, state="running")
+        self.store.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(group, time.time())
 
     def _watch(self, state: Running) -> Any:

@@ -19,6 +19,8 @@ def launch_controller(config: HerdsmanConfig) -> Any:
     ctrl = ControllerActor.options(
         name=CONTROLLER_NAME, namespace=RAY_NAMESPACE,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        # a dead controller is started again and carries on from the store; calls made meanwhile wait for it
+        max_restarts=config.controller.controller_restarts, max_task_retries=-1,
     ).remote(config)
     ray.get(ctrl.start_api.remote())
     ray.get(ctrl.start.remote())

@@ -4,6 +4,8 @@ A mixin of Controller: it works on the controller's state under its lock."""
 
 from __future__ import annotations
 
+import os
+
 import time
 from typing import Any
 
@@ -17,6 +19,8 @@ class Operations:
     def start_api(self) -> str:
         from orchestrator.api import ApiServer, create_app, load_or_create_token
 
+        if self._api is not None:  # already serving (a restarted controller starts its own)
+            return self.api_url
         token = load_or_create_token(self.cfg.api.token, self.run_dir)
         self._api = ApiServer(create_app(self, token), self.cfg.api.host, self.cfg.api.port)
         self.api_url = self._api.start()
@@ -40,6 +44,7 @@ class Operations:
                 "checkpoints": sorted(self.ckpt_at.items()),  # (step, commit time of its latest save)
                 "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
                 "api_url": self.api_url,
+                "pid": os.getpid(),
             }
 
     def inject_gpu_fault(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:

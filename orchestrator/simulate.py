@@ -8,9 +8,10 @@ job. Each failure becomes a Verdict (the cause is taken as diagnosed correctly) 
 spares replace them, a stop pages a human. Time is split exactly as in the real reports (DESIGN.md): productive,
 checkpoint stalls, detection, restart, restore, lost work, idle.
 
-Stated simplifications: no failures strike while the job is down (restarting or waiting); spares do not fail while
-idle; a failure during a checkpoint save loses that checkpoint; the in-memory tier, when on, always holds a copy of
-the latest checkpoint (one host lost at a time).
+Failures keep arriving while the job recovers (a restart hit by a failure starts over), so the count of
+interruptions is the rate times the wall time, as in the paper. Stated simplifications: spares do not fail while
+idle; the diagnosis is always right; a failure during a checkpoint save loses that checkpoint; the in-memory tier,
+when on, always holds a copy of the latest checkpoint (one host lost at a time).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ class JobRow(Base):
     productive_s: Mapped[float] = mapped_column(Float, default=0.0)  # kept step time (recomputed steps once)
     checkpoint_s: Mapped[float] = mapped_column(Float, default=0.0)  # time the loop was blocked saving
     message: Mapped[str] = mapped_column(String(2000), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # the current attempt (a restarted controller goes on)
 
 
 class InterruptionRow(Base):
@@ -85,6 +86,7 @@ class JobRecord:
     productive_s: float
     checkpoint_s: float
     message: str
+    attempt: int = 0
 
 
 class Store:
@@ -177,7 +179,7 @@ class Store:
 
 def _job(r: JobRow) -> JobRecord:
     return JobRecord(r.name, r.state, r.started_at, r.ended_at, r.target_step, r.last_step, r.productive_s,
-                     r.checkpoint_s, r.message)
+                     r.checkpoint_s, r.message, r.attempt or 0)
 
 
 def _interruption(r: InterruptionRow) -> Interruption:

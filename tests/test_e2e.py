@@ -196,3 +196,38 @@ def test_a_host_whose_agent_falls_silent_is_taken_out_of_the_job(cluster, tmp_pa
     assert not any("asked live ranks" in d for d in st["decisions"])  # live, progressing ranks are not dumped
     assert any(f"agent on {victim} is gone" in d for d in st["decisions"])
     assert st["hosts"][victim] == "quarantined"  # out until an operator returns it after a health check
+
+
+def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
+    """Ray restarts a killed controller; the new one carries on the job from the store and the report streams:
+    same attempt numbering, verdict history, quarantine and checkpoints, and no interruption recorded twice."""
+    cfg = job_config(tmp_path, "phoenix")
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["step"] >= 10 and s["state"] == "running", 300)
+        victim = st["placement"][1]
+        ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+        st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running" and s["step"] >= 17, 300)
+        pid_before = st["pid"]
+        ray.kill(ctrl, no_restart=False)  # the controller's process dies; Ray starts it again
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+
+    assert st["state"] == "finished", st["decisions"]
+    assert st["pid"] != pid_before and st["api_url"]
+    assert any("controller restarted" in d for d in st["decisions"])
+    assert [v["cause"] for v in st["verdicts"]] == ["faulty_gpu", "unknown"]
+    assert st["hosts"][victim] == "quarantined" and victim not in st["placement"]
+    store = Store(cfg.store_url)
+    its = store.interruptions("phoenix")
+    assert [(i.attempt, i.verdict.cause) for i in its] == [(0, RootCause.FAULTY_GPU), (1, RootCause.UNKNOWN)]
+    assert "controller restarted" in its[1].verdict.evidence[0]
+    # the trainer of attempt 2 resumed from a checkpoint the first controller saw committed
+    assert its[1].resumed_step is not None and its[1].resumed_step >= 15 and its[1].restore_s is not None
+    job = store.job("phoenix")
+    assert job.state == "finished" and job.last_step == STEPS
+    # productive time counts each step once, though steps were recomputed after both interruptions
+    assert 0 < job.productive_s < (job.ended_at - job.started_at)
+    stats = {p.name for p in (tmp_path / "run" / "nodes").glob("*/stats/rank00000-attempt*.jsonl")}
+    assert stats == {"rank00000-attempt0000.jsonl", "rank00000-attempt0001.jsonl", "rank00000-attempt0002.jsonl"}
