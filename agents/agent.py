@@ -7,6 +7,7 @@ on Ray, or a list in tests). A fatal GPU fault ends the trainer processes on tha
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -76,7 +77,10 @@ class NodeAgent:
         self.probe = probe or make_probe(config.agent.gpu_backend, host, config.agent.gpus_per_host,
                                          on_fatal=self._on_fatal)
         a = config.agent
-        self.host_monitor = HostMonitor(host, a.kernel_log, a.sys_root, (str(config.checkpoint_dir.parent),),
+        # "{node_dir}" in these paths gives each host of an embedded cluster its own kernel log and /sys tree
+        self.kernel_log = a.kernel_log.replace("{node_dir}", str(self.dir))
+        self.sys_root = a.sys_root.replace("{node_dir}", str(self.dir))
+        self.host_monitor = HostMonitor(host, self.kernel_log, self.sys_root, (str(config.checkpoint_dir.parent),),
                                         a.host_rules, a.min_disk_free_ratio)
         self.seq = 0
         self.metrics_url = ""
@@ -104,6 +108,8 @@ class NodeAgent:
             if isinstance(self.probe, SimulatedGpus):
                 self._simulate_load()
             samples = self.probe.sample()
+            if isinstance(self.probe, SimulatedGpus):
+                self._publish_clocks(samples)
             evidence = self.probe.poll_events() + self._derive(samples) + self.host_monitor.cycle()
             evidence += [self._trainer_evidence(e) for e in events if e.phase == TrainerPhase.FAILED]
             evidence += self._track_drift(steps, samples)
@@ -122,6 +128,14 @@ class NodeAgent:
             alive = {p for p in pids if _alive(p)}
             self._pids[gpu] = alive
             self.probe.set_load(gpu, 0.9 if alive else 0.0)
+
+    def _publish_clocks(self, samples: list[GpuSample]) -> None:
+        """Tell the ranks how much slower each simulated GPU runs (trainer.train.SimulatedClock reads it)."""
+        factors = {str(s.index): round(s.max_sm_clock_mhz / s.sm_clock_mhz, 4) for s in samples
+                   if s.sm_clock_mhz and s.max_sm_clock_mhz}
+        tmp = self.dir / "sim-clocks.json.tmp"
+        tmp.write_text(json.dumps(factors))
+        os.replace(tmp, self.dir / "sim-clocks.json")
 
     def _derive(self, samples: list[GpuSample]) -> list[Evidence]:
         """Edge-triggered evidence from readings: thermal slowdown starting, ECC counts rising."""
@@ -272,9 +286,33 @@ class NodeAgent:
         if fault == "maintenance":
             self.maintenance_notice.write_text(str(args.get("reason", "planned maintenance")))
             return f"{self.host}: maintenance announced"
+        if fault in ("kernel", "nic"):
+            return self._inject_host(fault, **args)
         if not isinstance(self.probe, SimulatedGpus):
             raise ValueError("faults can only be injected into simulated GPUs")
         return self.probe.inject(gpu, fault, **args)
+
+    def _inject_host(self, fault: str, line: str = "", iface: str = "eth0", state: str = "down") -> str:
+        """Host faults for an embedded cluster whose kernel log and /sys are per-host files ("{node_dir}/..."):
+        a kernel-log line, or a NIC's link state (its carrier_changes count goes up on every change)."""
+        node = str(self.dir)
+        if fault == "kernel":
+            if not self.kernel_log.startswith(node):
+                raise ValueError("kernel-log lines can only be injected into a per-host log under the node dir")
+            with open(self.kernel_log, "a") as f:
+                f.write(f"[{time.monotonic():12.6f}] {line}\n")
+            return f"{self.host}: kernel: {line}"
+        if not self.sys_root.startswith(node):
+            raise ValueError("NIC state can only be injected into a per-host /sys tree under the node dir")
+        d = Path(self.sys_root) / "class" / "net" / iface
+        (d / "device").mkdir(parents=True, exist_ok=True)
+        (d / "statistics").mkdir(exist_ok=True)
+        changes = d / "carrier_changes"
+        n = int(changes.read_text()) if changes.exists() else 0
+        (d / "operstate").write_text(state + "\n")
+        (d / "carrier").write_text(("1" if state == "up" else "0") + "\n")
+        changes.write_text(f"{n + 1}\n")
+        return f"{self.host}: {iface} link {state}"
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start_metrics(self) -> str:

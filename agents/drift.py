@@ -62,7 +62,9 @@ class DriftFit:
 
 
 def join(stats: StepStats, gpu: GpuSample | None) -> RankSample:
-    return RankSample(stats.rank, stats.host, stats.step, stats.time, stats.step_time_s, stats.tokens_per_s,
+    # a rank's own compute time when it reports one: the step time includes waiting for the slowest rank
+    return RankSample(stats.rank, stats.host, stats.step, stats.time, stats.compute_s or stats.step_time_s,
+                      stats.tokens_per_s,
                       gpu.temperature_c if gpu else None, gpu.sm_clock_mhz if gpu else None,
                       gpu.max_sm_clock_mhz if gpu else None, gpu.throttle_reasons if gpu else (), stats.attempt)
 

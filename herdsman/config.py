@@ -127,6 +127,8 @@ class ControllerConfig:
     """How long a drain waits for the fresh checkpoint before taking the host out anyway."""
     hang_timeout_s: float = 120.0
     """No completed step for this long while every rank is alive is a hang: dumps are taken, the group restarted."""
+    startup_timeout_s: float = 120.0
+    """An attempt whose first step has not completed after this long is hung (start, rendezvous, restore)."""
     dump_wait_s: float = 3.0
     """How long to wait for live ranks to write their flight-recorder dumps after asking."""
     controller_restarts: int = 3

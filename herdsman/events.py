@@ -137,6 +137,7 @@ class StepStats:
     step_time_s: float
     tokens: int
     loss: float
+    compute_s: float = 0.0  # this rank's own work, before it waits for the others in the step's last collective
 
     @property
     def tokens_per_s(self) -> float:
@@ -276,7 +277,9 @@ def verdict_from_dict(d: dict[str, Any]) -> Verdict:
 
 
 def step_stats_from_dict(d: dict[str, Any]) -> StepStats:
-    return StepStats(**{f.name: d[f.name] for f in dataclasses.fields(StepStats)})
+    # fields with defaults (added later) may be missing from older streams
+    return StepStats(**{f.name: d[f.name] for f in dataclasses.fields(StepStats)
+                        if f.name in d or f.default is dataclasses.MISSING})
 
 
 def trainer_event_from_dict(d: dict[str, Any]) -> TrainerEvent:

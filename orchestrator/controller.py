@@ -89,6 +89,8 @@ class Stopped:
 
 
 TERMINAL = (Finished, Stopped)
+# what the ranks of one attempt said about themselves: a later attempt's failure is not explained by it
+_OF_AN_ATTEMPT = (EvidenceKind.TRAINER_HANG, EvidenceKind.TRAINER_EXCEPTION, EvidenceKind.TRAINER_EXIT)
 
 
 class Controller(Operations):
@@ -120,6 +122,8 @@ class Controller(Operations):
         self.restarts = 0
         self.failures_without_progress = 0
         self.verdicts: list[Verdict] = []
+        self.attempt_started_at = 0.0
+        self.returned_at: dict[str, float] = {}  # host -> when it last passed its health check back into service
         # progress, from rank 0's reports
         self.step_time: dict[int, tuple[int, float]] = {}  # step -> (attempt, seconds): recomputed steps count once
         self.last_step: dict[int, int] = {}  # attempt -> last completed step
@@ -293,6 +297,7 @@ class Controller(Operations):
         group = WorkerGroup([(h, self.nodes[h]) for h in hosts], self.cfg.trainer.ranks_per_host, self.attempt,
                             env, self.run_dir, str(PROJECT_ROOT), self.rank_actors, self.cfg.controller.warm_standby)
         self.group, self.previous = group, hosts
+        self.attempt_started_at = time.time()
         self._decide(f"attempt {self.attempt}: starting {group.world_size} ranks on {', '.join(hosts)}")
         group.start()
         self.store.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
@@ -328,8 +333,10 @@ class Controller(Operations):
             now = time.time()
             return Draining(state.group, drain, now, now + self.cfg.controller.drain_timeout_s)
         with self.lock:
+            stepped = self.attempt in self.last_step_at
             progress = max(state.started_at, self.last_step_at.get(self.attempt, 0.0))
-        if time.time() - progress > self.cfg.controller.hang_timeout_s:
+        c = self.cfg.controller
+        if time.time() - progress > (c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)):
             self._decide(f"no step completed for {time.time() - progress:.0f} s with every rank alive: a hang")
             return Failing(state.group, progress, hang=True)
         return state
@@ -403,7 +410,9 @@ class Controller(Operations):
         window = state.since - self.cfg.controller.evidence_window_s
         with self.lock:
             self.evidence.extend(hang_evidence)
-            evidence = [e for e in self.evidence if window <= e.time <= now]
+            # what a host showed before it was repaired and returned to service is not about this failure
+            evidence = [e for e in self.evidence if window <= e.time <= now and e.time > self.returned_at.get(e.host, 0)
+                        and (e.kind not in _OF_AN_ATTEMPT or e.time >= self.attempt_started_at)]
         verdict = diagnose(failure, evidence)
         detected_at = time.time()
         self._decide(f"verdict {verdict.cause.value} ({verdict.confidence:.2f}) hosts={list(verdict.hosts)} "

@@ -115,6 +115,7 @@ class Operations:
                 self._decide(f"{host} stays out of service: {'; '.join(problems)}")
             else:
                 self.pool.return_to_service(host, "health check passed")
+                self.returned_at[host] = time.time()
                 self._decide(f"{host} returned to service after a passed health check")
             self._persist_hosts()
         return problems

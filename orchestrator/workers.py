@@ -237,7 +237,8 @@ class WorkerGroup:
                    "LOCAL_RANK": str(rank % self.ranks_per_host), "MASTER_ADDR": master_ip, "MASTER_PORT": str(port),
                    "HERDSMAN_ATTEMPT": str(self.attempt), "HERDSMAN_HOST": host,
                    "HERDSMAN_STATS_DIR": str(node / "stats"), "HERDSMAN_CONTROL_DIR": str(node / "control"),
-                   "HERDSMAN_FR_DIR": str(node / "flight_recorder"), "OMP_NUM_THREADS": "1"}
+                   "HERDSMAN_FR_DIR": str(node / "flight_recorder"), "OMP_NUM_THREADS": "1",
+                   "HERDSMAN_SIM_CLOCKS": str(node / "sim-clocks.json")}  # written by a simulated-GPU agent only
             log = node / "logs" / f"rank{rank:05d}-attempt{self.attempt:04d}.log"
             refs.append(actor.start.remote(env, str(log), str(node / "control")))
         ray.get(refs, timeout=timeout_s)

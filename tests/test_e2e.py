@@ -1,7 +1,9 @@
 """The whole loop on a real local multi-node Ray cluster: 3 worker hosts + 1 spare, real trainer processes."""
 
-import ray
+import time
+
 import pytest
+import ray
 
 from herdsman.config import load_config
 from herdsman.events import HostState
@@ -22,9 +24,9 @@ def cluster():
         yield c
 
 
-def job_config(tmp_path, name, trainer=None, controller=None):
+def job_config(tmp_path, name, trainer=None, controller=None, agent=None):
     return load_config(overrides={
-        "run_dir": str(tmp_path / "run"), "job": name,
+        "run_dir": str(tmp_path / "run"), "job": name, "agent": agent or {},
         "trainer": {"steps": STEPS, "checkpoint_every": 5, "step_delay_s": 0.05, **(trainer or {})},
         "controller": {"restart_backoff_s": 0.2, **(controller or {})},
     })
@@ -231,3 +233,106 @@ def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
     assert 0 < job.productive_s < (job.ended_at - job.started_at)
     stats = {p.name for p in (tmp_path / "run" / "nodes").glob("*/stats/rank00000-attempt*.jsonl")}
     assert stats == {"rank00000-attempt0000.jsonl", "rank00000-attempt0001.jsonl", "rank00000-attempt0002.jsonl"}
+
+
+def _next_verdict(ctrl, inject, n_verdicts, timeout=240):
+    """Wait for steady progress, inject, and wait for the verdict it causes and for training to resume."""
+    st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 4 and s["step"] > _next_verdict.mark + 3,
+                    timeout)
+    _next_verdict.mark = st["step"]
+    inject(st)
+    st = wait_until(ctrl, lambda s: len(s["verdicts"]) > n_verdicts, timeout)
+    return st["verdicts"][n_verdicts], st
+
+
+def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, tmp_path):
+    """One job, nine faults from Table 5's mix, each with the evidence a real one leaves: the verdict, the blamed
+    host and the action must all be right. Hosts repaired in between go back to service through the health check."""
+    cfg = job_config(tmp_path, "campaign", trainer={"steps": 100000},
+                     controller={"hang_timeout_s": 5.0, "lemon_threshold": 100, "max_restarts": 50},
+                     agent={"kernel_log": "{node_dir}/kern.log", "sys_root": "{node_dir}/sys"})
+    for h in HOSTS:  # a per-host kernel log and NIC, as the agents of an embedded cluster see them
+        (tmp_path / "run" / "nodes" / h).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / "nodes" / h / "kern.log").write_text("")
+    _next_verdict.mark = 0
+    ctrl = launch_controller(cfg)
+    seen = []
+
+    def check(inject, cause, blamed, action):
+        v, st = _next_verdict(ctrl, inject, len(seen))
+        seen.append(v)
+        (tmp_path / "decisions.txt").write_text("\n".join(st["decisions"]))
+        assert v["cause"] == cause, (cause, v, "\n".join(st["decisions"][-40:]))
+        if blamed is not None:
+            assert v["hosts"] == [blamed], (cause, v)
+        assert v["action"] == action, (cause, v)
+        return st
+
+    def repair(host, *faults):
+        for f, kw in faults:
+            ray.get(ctrl.inject_gpu_fault.remote(host, f, **kw))
+        wait_until(ctrl, lambda s: s["hosts"][host] == "quarantined", 60)
+        time.sleep(1.5)  # the health check judges the agent's latest sample (every 0.5 s)
+        assert ray.get(ctrl.return_to_service.remote(host)) == []
+
+    try:
+        wait_until(ctrl, lambda s: s["state"] == "running", 120)
+        for h in HOSTS:
+            ray.get(ctrl.inject_gpu_fault.remote(h, "nic", iface="eth0", state="up"))
+        victim = {}
+
+        def gpu(fault, key, **kw):
+            def inject(st):
+                victim[key] = st["placement"][1]
+                ray.get(ctrl.inject_gpu_fault.remote(victim[key], fault, gpu=0, **kw))
+            return inject
+
+        check(gpu("xid", "48", code=48), "gpu_hbm3_memory", None, "evict")
+        assert seen[-1]["hosts"] == [victim["48"]]
+        repair(victim["48"], ("clear", {}))
+        check(gpu("xid", "119", code=119), "gpu_system_processor", None, "evict")
+        assert seen[-1]["hosts"] == [victim["119"]]
+        repair(victim["119"], ("clear", {}))
+        check(gpu("ecc", "sram", memory="sram", uncorrected=True), "gpu_sram_memory", None, "evict")
+        assert seen[-1]["hosts"] == [victim["sram"]]
+        repair(victim["sram"], ("clear", {}))
+
+        def nic_down(st):
+            victim["nic"] = st["placement"][2]
+            ray.get(ctrl.inject_gpu_fault.remote(victim["nic"], "nic", iface="eth0", state="down"))
+            ray.get(ctrl.inject_gpu_fault.remote(victim["nic"], "kernel", line="mlx5_core 0000:17:00.0 eth0: Link down"))
+            time.sleep(1.5)  # the agent sees the link go down before the collectives fail
+            ray.get(ctrl.inject_trainer_fault.remote(2, "exception", "RuntimeError: [../third_party/gloo/gloo/"
+                                                     "transport/tcp/pair.cc:534] Connection closed by peer "
+                                                     "[10.0.3.7]:40117", st["step"] + 1))
+        check(nic_down, "nic", None, "evict")
+        assert seen[-1]["hosts"] == [victim["nic"]]
+        repair(victim["nic"], ("nic", {"iface": "eth0", "state": "up"}))
+
+        check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(1, "hang", "", st["step"] + 1)),
+              "nccl_watchdog_timeout", None, "restart")
+        assert seen[-1]["ranks"] == [1]  # the flight recorder named the rank that stopped joining
+        check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "KeyError: 'lr_scale'",
+                                                                  st["step"] + 1)),
+              "software_bug", None, "restart")
+
+        def thermal(st):
+            victim["thermal"] = st["placement"][0]
+            ray.get(ctrl.inject_gpu_fault.remote(victim["thermal"], "thermal", gpu=0, cooling=0.2))
+        st = check(thermal, "gpu_thermal_interface_sensor", None, "drain")
+        assert seen[-1]["hosts"] == [victim["thermal"]]
+        assert any("straggling (thermal)" in e or "thermal slowdown" in e for e in seen[-1]["evidence"])
+
+        check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(
+            0, "exception", "ImportError: /usr/lib/x86_64-linux-gnu/libnccl.so.2: undefined symbol: "
+            "ncclCommInitRankScalable", st["step"] + 1)), "dependency", None, "stop")
+        st = wait_done(ctrl, 120)
+    finally:
+        stop_controller(ctrl)
+
+    assert st["state"] == "stopped" and "dependency" in st["reason"]
+    store = Store(cfg.store_url)
+    causes = [i.verdict.cause.value for i in store.interruptions("campaign")]
+    assert causes == ["gpu_hbm3_memory", "gpu_system_processor", "gpu_sram_memory", "nic", "nccl_watchdog_timeout",
+                      "software_bug", "gpu_thermal_interface_sensor", "dependency"]
+    assert st["hosts"][victim["thermal"]] == "quarantined"

@@ -53,6 +53,9 @@ class DumpOnRequest:
 
     def start(self) -> "DumpOnRequest":
         if self.request is not None and self.args[0] is not None:
+            # a request left by an earlier attempt (its rank was stopped before it answered) is not for us: answering
+            # it would put a dump from before any hang where the controller looks for this attempt's
+            self.request.unlink(missing_ok=True)
             self._thread.start()
         return self
 

@@ -13,6 +13,7 @@ HERDSMAN_RESUME=required (refuse to start from scratch when no usable checkpoint
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -106,6 +107,30 @@ def build_model(cfg: TrainerConfig, device: torch.device) -> Transformer:
     return model
 
 
+class SimulatedClock:
+    """The SM clock of this rank's simulated GPU, as its node's agent publishes it (max clock / current clock).
+
+    Only with the simulated GPU backend: it makes a throttled simulated GPU slow its rank down, as a real one does.
+    Read at most once a second; a missing or torn file means full speed.
+    """
+
+    def __init__(self, path: Path | None, gpu: int):
+        self.path, self.gpu = path, str(gpu)
+        self._factor, self._read_at = 1.0, 0.0
+
+    def slowdown(self) -> float:
+        if self.path is None:
+            return 1.0
+        now = time.monotonic()
+        if now - self._read_at >= 1.0:
+            self._read_at = now
+            try:
+                self._factor = max(1.0, min(20.0, float(json.loads(self.path.read_text())[self.gpu])))
+            except (OSError, ValueError, KeyError, TypeError):
+                self._factor = 1.0
+        return self._factor
+
+
 def train(config: HerdsmanConfig) -> int:
     cfg = config.trainer
     t_start = time.time()
@@ -114,6 +139,7 @@ def train(config: HerdsmanConfig) -> int:
     stats = StatsWriter(_env_path("HERDSMAN_STATS_DIR"), env.rank, env.host, env.attempt, gpu=env.local_rank)
     stats.event(TrainerPhase.RENDEZVOUS, duration_s=time.time() - t_start)
     control_dir, fr_dir = _env_path("HERDSMAN_CONTROL_DIR"), _env_path("HERDSMAN_FR_DIR")
+    sim_clocks = SimulatedClock(_env_path("HERDSMAN_SIM_CLOCKS"), env.local_rank)
     backend = dist.get_backend()
     watcher = flight_recorder.DumpOnRequest(control_dir, fr_dir, env.rank, env.attempt, backend).start()
     step = 0
@@ -154,10 +180,11 @@ def train(config: HerdsmanConfig) -> int:
             save_now, then_exit = now_requested(control_dir, env.rank)
             votes = torch.tensor([float(save_now), float(then_exit)], device=env.device)
             reduced = torch.cat([loss.detach().float().reshape(1), votes])
+            if cfg.step_delay_s:  # stand-in GPU work; a simulated GPU's lowered clock stretches it, as it would
+                time.sleep(cfg.step_delay_s * sim_clocks.slowdown())
+            compute_s = time.perf_counter() - t0  # before waiting for the slowest rank in the all-reduce
             dist.all_reduce(reduced)
-            if cfg.step_delay_s:
-                time.sleep(cfg.step_delay_s)
-            stats.step(step, time.perf_counter() - t0, tokens.numel(), reduced[0].item() / env.world_size)
+            stats.step(step, time.perf_counter() - t0, tokens.numel(), reduced[0].item() / env.world_size, compute_s)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or reduced[1].item() > 0:
                 blocked = ckpt.save(step, model, optim, {"step": step, "loader": loader.state_dict()})
                 stats.event(TrainerPhase.CHECKPOINT, step=step, duration_s=blocked)
