@@ -17,13 +17,16 @@ from typing import Any, Protocol
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from herdsman import HerdsmanError
 
 log = logging.getLogger("herdsman.api")
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "dashboards" / "web" / "index.html"
+RUNBOOKS = ROOT / "runbooks"
 
 
 class Operations(Protocol):
@@ -31,6 +34,7 @@ class Operations(Protocol):
 
     def status(self) -> dict[str, Any]: ...
     def hosts_view(self) -> list[dict[str, Any]]: ...
+    def gpus_view(self) -> dict[str, Any]: ...
     def interruptions_view(self) -> list[dict[str, Any]]: ...
     def quarantine(self, host: str, reason: str) -> None: ...
     def return_to_service(self, host: str) -> list[str]: ...
@@ -84,6 +88,22 @@ def create_app(ops: Operations, token: str) -> FastAPI:
     def known_host(host: str) -> None:
         if host not in {h["host"] for h in ops.hosts_view()}:
             raise HTTPException(404, f"no host named {host!r}")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        """The operator page: a static file that polls the views below."""
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/runbooks/{name}", include_in_schema=False)
+    def runbook(name: str) -> PlainTextResponse:
+        path = RUNBOOKS / name
+        if not name.endswith(".md") or "/" in name or name.startswith(".") or not path.is_file():
+            raise HTTPException(404, f"no runbook named {name!r}")
+        return PlainTextResponse(path.read_text(), media_type="text/markdown; charset=utf-8")
+
+    @app.get("/api/gpus")
+    def gpus() -> dict[str, Any]:
+        return ops.gpus_view()
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:

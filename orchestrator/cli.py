@@ -78,8 +78,17 @@ def run(config_path: str | None, timeout: float) -> None:
 @config_option
 @click.option("--job", help="Job name (default: the most recent job in the store).")
 @click.option("--db", help="SQLAlchemy URL of the store (default: from the config).")
-def report(config_path: str | None, job: str | None, db: str | None) -> None:
-    """Postmortem: interruptions by root cause (Table 5 style), ETTR and its split, MTTF and MTTR."""
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html"]), default="text", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write the report here (Markdown: the plots go next to it as PNG files); default stdout.")
+@click.option("--runbook-base", default="", help="URL or directory of the runbooks (default: this checkout's).")
+def report(config_path: str | None, job: str | None, db: str | None, fmt: str, out: str | None,
+           runbook_base: str) -> None:
+    """Postmortem: interruptions by root cause (Table 5 style), ETTR and its split, MTTF and MTTR.
+
+    Markdown and HTML add a timeline and a root-cause chart, hosts implicated (lemon candidates) and every
+    interruption with its evidence and runbook link; the HTML file is self-contained.
+    """
     from orchestrator.report import render_text, summarize
     from orchestrator.store import Store
 
@@ -93,7 +102,30 @@ def report(config_path: str | None, job: str | None, db: str | None) -> None:
         if not jobs:
             raise HerdsmanError(f"no jobs recorded in {url}")
         job = jobs[-1].name
-    click.echo(render_text(summarize(store, job)))
+    summary = summarize(store, job)
+    if fmt == "text":
+        text = render_text(summary)
+    else:
+        from orchestrator import postmortem
+
+        if fmt == "html":
+            text = postmortem.render_html(summary, runbook_base)
+        else:
+            images = {}
+            if out and summary.interruptions:
+                target = Path(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                for key, draw in (("timeline", postmortem.timeline_png), ("causes", postmortem.causes_png)):
+                    name = f"{target.stem}-{key}.png"
+                    (target.parent / name).write_bytes(draw(summary))
+                    images[key] = name
+            text = postmortem.render_markdown(summary, runbook_base, images)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text)
 
 
 @main.command("config")

@@ -189,6 +189,11 @@ class Controller(Operations):
         self.start()
 
     # --- agents push here -----------------------------------------------------------------------------------
+    def report_batch(self, reports: list[AgentReport]) -> None:
+        """Several reports in one actor call: what a relay in front of a large fleet sends."""
+        for r in reports:
+            self.report(r)
+
     def report(self, r: AgentReport) -> None:
         with self.lock:
             self.heartbeats[r.heartbeat.host] = r.heartbeat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from herdsman import HerdsmanError
@@ -33,10 +34,11 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
         connect(cluster.address)
         echo(f"  up in {time.time() - t0:.1f} s at {cluster.address}; run dir {cfg.run_dir}, job {cfg.job}")
         ctrl = launch_controller(cfg)
+        import ray
+
+        echo(f"  operator page: {ray.get(ctrl.status.remote())['api_url']}/ (token in {cfg.run_dir}/api_token)")
         progress = Progress(echo)
         try:
-            import ray
-
             # 1. a GPU falls off the bus on the host of rank 1
             first = max(cfg.trainer.checkpoint_every * 2, cfg.trainer.steps // 4)
             st = wait_until(ctrl, lambda s: s["step"] >= first, timeout_s, progress)
@@ -55,4 +57,10 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
         finally:
             stop_controller(ctrl)
     echo(f"Cluster stopped. Demo took {time.time() - t0:.0f} s.\n")
-    echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
+    summary = summarize(Store(cfg.store_url), cfg.job)
+    echo(render_text(summary))
+    from orchestrator.postmortem import render_html
+
+    page = Path(cfg.run_dir).resolve() / f"postmortem-{cfg.job}.html"
+    page.write_text(render_html(summary))
+    echo(f"\nPostmortem with timeline, charts and runbook links: {page}")

@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from herdsman import HerdsmanError
-from herdsman.events import to_dict
+from herdsman.events import EvidenceKind, to_dict
 
 
 class Operations:
@@ -45,7 +45,30 @@ class Operations:
                 "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
                 "api_url": self.api_url,
                 "pid": os.getpid(),
+                **self._progress_view(),
             }
+
+    def _progress_view(self) -> dict[str, Any]:
+        """ETTR so far (kept step time over wall time), the latest step time, the age of the latest checkpoint."""
+        now = time.time()
+        with self.lock:
+            productive = sum(t for _, t in self.step_time.values())
+            last = self.step_time[max(self.step_time)][1] if self.step_time else None
+            ckpt = max(self.ckpt_at.values()) if self.ckpt_at else None
+        wall = now - self.started_at
+        return {"ettr": productive / wall if wall > 0 else None, "step_time_s": last,
+                "since_checkpoint_s": None if ckpt is None else now - ckpt}
+
+    def gpus_view(self) -> dict[str, Any]:
+        """Every GPU's latest reading (from the heartbeats) and the straggler evidence of the last 10 minutes."""
+        with self.lock:
+            gpus = [{"host": h, "index": g.index, "temperature_c": g.temperature_c, "sm_clock_mhz": g.sm_clock_mhz,
+                     "max_sm_clock_mhz": g.max_sm_clock_mhz, "throttle_reasons": list(g.throttle_reasons),
+                     "utilization_pct": g.utilization_pct}
+                    for h, hb in sorted(self.heartbeats.items()) for g in hb.gpus]
+            since = time.time() - 600
+            stragglers = [e.line() for e in self.evidence if e.kind == EvidenceKind.STRAGGLER and e.time >= since]
+        return {"gpus": gpus, "stragglers": stragglers[-20:]}
 
     def inject_gpu_fault(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:
         if host not in self.agents:
@@ -63,6 +86,9 @@ class Operations:
 
     def hosts_view(self) -> list[dict[str, Any]]:
         with self.lock:
+            latest: dict[str, str] = {}
+            for e in self.evidence:  # oldest first: the last one per host wins
+                latest[e.host] = e.line()
             out = []
             for h, st in sorted(self.pool.status.items()):
                 hb = self.heartbeats.get(h)
@@ -70,7 +96,8 @@ class Operations:
                             "last_heartbeat": self.last_heard.get(h), "metrics_url": hb.metrics_url if hb else "",
                             "gpus": len(hb.gpus) if hb else 0,
                             "lost_gpus": sum(g.lost for g in hb.gpus) if hb else 0,
-                            "in_job": bool(self.group and h in self.group.hosts)})
+                            "in_job": bool(self.group and h in self.group.hosts),
+                            "latest_evidence": latest.get(h, "")})
             return out
 
     def interruptions_view(self) -> list[dict[str, Any]]:

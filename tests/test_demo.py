@@ -23,4 +23,6 @@ def test_demo_end_to_end(tmp_path):
     assert "verdict faulty_gpu (0.95)" in out and "verdict software_bug" in out
     assert "Faulty GPU" in out and "Software Bug" in out and "Effective training time (ETTR)" in out
     assert "finished, step 40/40" in out
+    page = next(run_dir.glob("postmortem-*.html")).read_text()
+    assert "faulty_gpu.md" in page and "software_bug.md" in page and page.count("data:image/png;base64,") == 2
     assert processes_mentioning(str(run_dir)) == []

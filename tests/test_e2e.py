@@ -136,6 +136,12 @@ def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
         with httpx.Client(base_url=st["api_url"], timeout=30) as api:
             hosts = {h["host"]: h for h in api.get("/api/hosts").json()}
             assert hosts["host-4"]["state"] == "spare" and hosts["host-1"]["in_job"] and hosts["host-1"]["gpus"] == 2
+            # what the operator page reads, from the real controller
+            assert "<title>Herdsman</title>" in api.get("/").text
+            gpus = api.get("/api/gpus").json()["gpus"]
+            assert {g["host"] for g in gpus} == set(HOSTS) and all(g["max_sm_clock_mhz"] > 0 for g in gpus)
+            job = api.get("/api/job").json()
+            assert 0 < job["ettr"] <= 1 and job["step_time_s"] > 0
             assert api.post("/api/hosts/host-4/quarantine", json={"reason": "x"}).status_code == 401
             victim = st["placement"][2]
             r = api.post(f"/api/hosts/{victim}/quarantine", json={"reason": "reseat the IB cable"}, headers=auth)

@@ -1,0 +1,135 @@
+"""The operator page in a real headless Chromium (Playwright) against the real API server over a stand-in
+controller: it renders the fleet, the job, GPUs and stragglers and the interruptions, updates without a reload,
+and its actions send the operator token."""
+
+import os
+import shutil
+import time
+
+import httpx
+import pytest
+
+from orchestrator.api import ApiServer, create_app
+
+TOKEN = "page-token"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Ops:
+    def __init__(self):
+        self.hosts = {"host-1": "healthy", "host-2": "quarantined", "host-3": "spare"}
+        self.step = 12
+        self.calls = []
+        self.its = [{"attempt": 0, "cause": "faulty_gpu", "planned": False, "detection_s": 0.9, "restart_s": 0.1,
+                     "restore_s": 1.0, "lost_work_s": 1.2, "last_step": 10, "resumed_step": 5,
+                     "runbook": "runbooks/faulty_gpu.md",
+                     "verdict": {"cause": "faulty_gpu", "confidence": 0.95, "hosts": ["host-2"], "ranks": [1],
+                                 "evidence": ["[host-2 gpu0] gpu_xid: Xid 79: GPU has fallen off the bus <b>"],
+                                 "action": "evict", "reason": "hardware evidence on host-2"}}]
+
+    def status(self):
+        return {"state": "running", "reason": "", "attempt": 1, "step": self.step, "target_step": 40, "loss": 2.5,
+                "ettr": 0.81, "step_time_s": 0.12, "since_checkpoint_s": 3.0, "hosts": self.hosts,
+                "verdicts": [], "decisions": []}
+
+    def hosts_view(self):
+        return [{"host": h, "state": s, "since": time.time() - 5, "reason": "faulty_gpu: Xid 79" if s ==
+                 "quarantined" else "", "latest_evidence": "[host-2 gpu0] gpu_lost: GPU is lost"
+                 if h == "host-2" else "", "gpus": 2, "lost_gpus": int(h == "host-2"), "in_job": s == "healthy"}
+                for h, s in self.hosts.items()]
+
+    def gpus_view(self):
+        return {"gpus": [{"host": "host-1", "index": 0, "temperature_c": 91.5, "sm_clock_mhz": 1200.0,
+                          "max_sm_clock_mhz": 1980.0, "throttle_reasons": ["hw_slowdown", "hw_thermal"],
+                          "utilization_pct": 90.0}],
+                "stragglers": ["[host-1 gpu0 rank0] straggler: rank 0 straggling (thermal): 1.52x"]}
+
+    def interruptions_view(self):
+        return self.its
+
+    def quarantine(self, host, reason):
+        self.calls.append(("quarantine", host, reason))
+        self.hosts[host] = "quarantined"
+
+    def return_to_service(self, host):
+        self.calls.append(("return", host))
+        self.hosts[host] = "spare"
+        return []
+
+    def request_restart(self, reason):
+        self.calls.append(("restart", reason))
+
+    def request_stop(self, reason):
+        self.calls.append(("stop", reason))
+
+
+@pytest.fixture
+def page_and_ops():
+    if CHROMIUM is None:
+        if os.environ.get("HERDSMAN_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required (Debian package chromium)")
+        pytest.skip("no Chromium on this machine")
+    from playwright.sync_api import sync_playwright
+
+    ops = Ops()
+    server = ApiServer(create_app(ops, TOKEN), "127.0.0.1", 0)
+    url = server.start()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("dialog", lambda d: d.accept("bad fan" if d.type == "prompt" else None))
+        page.goto(url + "/")
+        yield page, ops, url
+        browser.close()
+    server.stop()
+
+
+def test_the_page_shows_fleet_job_gpus_and_interruptions(page_and_ops):
+    page, ops, url = page_and_ops
+    page.wait_for_selector("#hosts tr[data-host='host-2']")
+    assert page.inner_text("#hosts tr[data-host='host-2'] .state") == "quarantined"
+    assert "gpu_lost: GPU is lost" in page.inner_text("#hosts tr[data-host='host-2']")
+    assert page.inner_text("[data-kpi='ETTR so far']") == "81.0%"
+    assert page.inner_text("[data-kpi='step']") == "12 / 40"
+    assert "hw_thermal" in page.inner_text("#gpus") and "straggling (thermal)" in page.inner_text("#stragglers")
+    text = page.inner_text("#interruptions")
+    assert "faulty_gpu" in text and "Xid 79: GPU has fallen off the bus <b>" in text  # escaped, shown as text
+    assert page.get_attribute("#interruptions a", "href") == "/runbooks/faulty_gpu.md"
+    r = httpx.get(url + "/runbooks/faulty_gpu.md")  # the link works
+    assert r.status_code == 200 and "Xid 79" in r.text
+
+
+def test_the_page_updates_without_a_reload(page_and_ops):
+    page, ops, _ = page_and_ops
+    page.wait_for_selector("#hosts tr[data-host='host-3']")
+    page.evaluate("window.marker = 42")  # lost on a reload
+    ops.step = 33
+    ops.hosts["host-3"] = "unreachable"
+    page.wait_for_function("document.querySelector(\"[data-kpi='step']\").textContent === '33 / 40'", timeout=10000)
+    page.wait_for_function("document.querySelector(\"#hosts tr[data-host='host-3'] .state\").textContent "
+                           "=== 'unreachable'", timeout=10000)
+    assert page.evaluate("window.marker") == 42
+
+
+def test_actions_need_the_token_and_send_it(page_and_ops):
+    page, ops, _ = page_and_ops
+    page.wait_for_selector("#hosts tr[data-host='host-1'] button")
+    page.click("#hosts tr[data-host='host-1'] button")  # no token yet
+    assert "operator token" in page.inner_text("#message") and ops.calls == []
+    page.fill("#token", "wrong")
+    page.click("#hosts tr[data-host='host-1'] button")
+    page.wait_for_function("document.getElementById('message').textContent.includes('403')", timeout=10000)
+    assert ops.calls == []
+    page.fill("#token", TOKEN)
+    page.click("#hosts tr[data-host='host-1'] button")
+    page.wait_for_function("document.getElementById('message').className === 'ok'", timeout=10000)
+    assert ops.calls == [("quarantine", "host-1", "bad fan")]
+    page.wait_for_selector("#hosts tr[data-host='host-1'] button[data-action='return']", timeout=10000)
+    page.click("#hosts tr[data-host='host-1'] button[data-action='return']")
+    page.wait_for_function("document.querySelector(\"#hosts tr[data-host='host-1'] .state\").textContent "
+                           "=== 'spare'", timeout=10000)
+    page.click("#restart")
+    page.wait_for_function("document.getElementById('message').textContent.includes('/api/job/restart')")
+    assert ("restart", "bad fan") in ops.calls
