@@ -54,10 +54,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # ranks, 1 min to restore from storage, the 10-minute NCCL timeout for hangs, 64 spare hosts, 1-day repairs.
     "llama3": {},
     # Herdsman's measured figures (bench/mttr.py: detection 0.96 s, restart 0.05 s, restore 1.07 s for 3 ranks),
-    # scaled to 16K GPUs: rendezvous and NCCL init grow with the job (assumed 60 s at 2,048 hosts), the async save
-    # blocks only for the device-to-host snapshot (assumed 2 s for 405B over 16K GPUs), so checkpoints every 5 min
-    # are cheap; restore from a peer's memory copy (assumed 20 s); hangs caught by the 120 s hang timeout plus the
-    # flight-recorder dump; SDC by the cross-rank checksum every checkpoint interval.
+    # scaled to 16K GPUs: rendezvous and NCCL init grow with the job (assumed 60 s at 2,048 hosts); hangs caught by
+    # the 120 s hang timeout plus the flight-recorder dump. Two figures are targets of the checkpoint work, not
+    # measurements yet: an async save that blocks only for the device-to-host snapshot (2 s for 405B over 16K
+    # GPUs), so checkpoints every 5 min are cheap, and a restore from a peer's memory copy (20 s); SDC found by
+    # a cross-rank checksum every checkpoint interval.
     "herdsman": {
         "checkpoint_interval_s": 300.0, "checkpoint_stall_s": 2.0, "detect_hardware_s": 5.0,
         "detect_software_s": 5.0, "detect_hang_s": 130.0, "detect_sdc_s": 300.0, "detect_thermal_s": 600.0,
