@@ -17,11 +17,13 @@ from typing import Any, Protocol
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 
 from herdsman import HerdsmanError
+from orchestrator.job_metrics import JobCollector
 
 log = logging.getLogger("herdsman.api")
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,14 @@ def create_app(ops: Operations, token: str) -> FastAPI:
         if not name.endswith(".md") or "/" in name or name.startswith(".") or not path.is_file():
             raise HTTPException(404, f"no runbook named {name!r}")
         return PlainTextResponse(path.read_text(), media_type="text/markdown; charset=utf-8")
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobCollector(ops))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """The job-level series for Prometheus (the agents export the per-node ones)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/gpus")
     def gpus() -> dict[str, Any]:

@@ -56,8 +56,9 @@ class Operations:
             last = self.step_time[max(self.step_time)][1] if self.step_time else None
             ckpt = max(self.ckpt_at.values()) if self.ckpt_at else None
         wall = now - self.started_at
-        return {"ettr": productive / wall if wall > 0 else None, "step_time_s": last,
-                "since_checkpoint_s": None if ckpt is None else now - ckpt}
+        return {"job": self.cfg.job, "ettr": productive / wall if wall > 0 else None, "step_time_s": last,
+                "since_checkpoint_s": None if ckpt is None else now - ckpt, "wall_s": wall,
+                "productive_s": productive, "checkpoint_s": self.ckpt_stall_s}
 
     def gpus_view(self) -> dict[str, Any]:
         """Every GPU's latest reading (from the heartbeats) and the straggler evidence of the last 10 minutes."""

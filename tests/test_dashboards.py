@@ -60,3 +60,28 @@ def test_alert_expressions_use_exported_metric_names():
     for rule in alert_rules():
         for name in re.findall(r"herdsman_[a-z_]+", rule["expr"]):
             assert name.removesuffix("_total") in exported, (rule["alert"], name)
+
+
+def exported_names() -> set[str]:
+    names = set()
+    for module in ("agents/metrics.py", "orchestrator/job_metrics.py"):
+        names |= set(re.findall(r'"(herdsman_[a-z_]+)"', (DASH.parent / module).read_text()))
+    return names
+
+
+def test_every_grafana_dashboard_queries_exported_metrics_through_the_provisioned_datasource():
+    import json
+
+    ds = yaml.safe_load((DASH / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uids = {d["uid"] for d in ds["datasources"]}
+    boards = [json.loads(p.read_text()) for p in sorted(DASH.glob("*.json"))]
+    assert {b["uid"] for b in boards} == {"herdsman-fleet", "herdsman-goodput", "herdsman-thermal"}
+    exported = exported_names()
+    for b in boards:
+        ids = [p["id"] for p in b["panels"]]
+        assert len(ids) == len(set(ids)), b["uid"]
+        for panel in b["panels"]:
+            assert panel["datasource"]["uid"] in uids
+            for t in panel["targets"]:
+                for name in re.findall(r"herdsman_[a-z_]+", t["expr"]):
+                    assert name.removesuffix("_total") in exported, (b["uid"], panel["title"], name)

@@ -142,6 +142,9 @@ def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
             assert {g["host"] for g in gpus} == set(HOSTS) and all(g["max_sm_clock_mhz"] > 0 for g in gpus)
             job = api.get("/api/job").json()
             assert 0 < job["ettr"] <= 1 and job["step_time_s"] > 0
+            metrics = api.get("/metrics").text
+            assert 'herdsman_job_step{job="api"}' in metrics
+            assert 'herdsman_host_state{host="host-4",state="spare"} 1.0' in metrics
             assert api.post("/api/hosts/host-4/quarantine", json={"reason": "x"}).status_code == 401
             victim = st["placement"][2]
             r = api.post(f"/api/hosts/{victim}/quarantine", json={"reason": "reseat the IB cable"}, headers=auth)

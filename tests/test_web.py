@@ -28,7 +28,7 @@ class Ops:
                                  "action": "evict", "reason": "hardware evidence on host-2"}}]
 
     def status(self):
-        return {"state": "running", "reason": "", "attempt": 1, "step": self.step, "target_step": 40, "loss": 2.5,
+        return {"job": "llama3", "state": "running", "reason": "", "attempt": 1, "step": self.step, "target_step": 40, "loss": 2.5,
                 "ettr": 0.81, "step_time_s": 0.12, "since_checkpoint_s": 3.0, "hosts": self.hosts,
                 "verdicts": [], "decisions": []}
 
@@ -133,3 +133,27 @@ def test_actions_need_the_token_and_send_it(page_and_ops):
     page.click("#restart")
     page.wait_for_function("document.getElementById('message').textContent.includes('/api/job/restart')")
     assert ("restart", "bad fan") in ops.calls
+
+
+def test_controller_metrics_share_the_vocabulary_of_the_page():
+    """/metrics on the API: the job, its time split, interruptions by root cause, host states."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ops = Ops()
+    server = ApiServer(create_app(ops, TOKEN), "127.0.0.1", 0)
+    url = server.start()
+    try:
+        body = httpx.get(url + "/metrics", timeout=10).text
+    finally:
+        server.stop()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    job = (("job", "llama3"),)
+    assert samples[("herdsman_job_step", job)] == 12 and samples[("herdsman_job_ettr", job)] == 0.81
+    assert samples[("herdsman_interruptions_total", (("category", "GPU"), ("cause", "faulty_gpu"),
+                                                     ("component", "Faulty GPU"), ("job", "llama3"),
+                                                     ("planned", "false")))] == 1
+    assert samples[("herdsman_host_state", (("host", "host-2"), ("state", "quarantined")))] == 1
+    assert samples[("herdsman_host_state", (("host", "host-2"), ("state", "healthy")))] == 0
+    lost = [v for (n, l), v in samples.items() if n == "herdsman_job_time_seconds_total" and ("kind", "lost_work") in l]
+    assert lost == [1.2]
