@@ -196,6 +196,9 @@ class Verdict:
             raise ValueError(f"confidence must be within [0, 1], got {self.confidence}")
 
 
+# Where a job's wall-clock time goes (DESIGN.md, "Effective training time"); ETTR = productive / wall.
+TIME_SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
+
 @dataclass(frozen=True)
 class Interruption:
     """One interruption of a job with its time split (see DESIGN.md, "Effective training time").

@@ -246,6 +246,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
     """
     import dataclasses
     import json
+    import math
     import statistics
 
     from tabulate import tabulate
@@ -263,7 +264,10 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
         key, sep, value = item.partition("=")
         if not sep:
             raise HerdsmanError(f"--set takes KEY=VALUE, got {item!r}")
-        (overrides[key],) = sim.parse_values(base, key, value)[:1] or [None]
+        values = sim.parse_values(base, key, value)
+        if len(values) != 1:
+            raise HerdsmanError(f"--set takes one value, got {item!r} (use --sweep for several)")
+        overrides[key] = values[0]
     base = dataclasses.replace(base, **overrides)
     grid: dict[str, list[Any]] = {}
     for item in sweeps:
@@ -283,7 +287,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
         if json_path:
             Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=1))
         return
-    total = seeds * len(list(__import__("itertools").product(*grid.values())))
+    total = seeds * math.prod(len(v) for v in grid.values())
     with click.progressbar(length=total, label=f"{total} runs", file=sys.stderr) as bar:
         rows = sim.sweep(base, grid, seeds, on_run=lambda: bar.update(1))
     table = [[*r.params.values(), f"{100 * r.mean('ettr'):.2f}", f"{100 * r.std('ettr'):.2f}",

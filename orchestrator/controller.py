@@ -1,7 +1,7 @@
 """The control loop as an explicit state machine: schedule -> run -> (fail -> diagnose -> act -> back off) -> ...
 
-Each state is a small frozen class; `_step(state)` returns the next one and all side effects live in the step
-functions. Agents push AgentReports into `report()` from their own threads; the loop reads what they pushed.
+Each state is a small frozen class (orchestrator/states.py); `_step(state)` returns the next one and all side
+effects live in the step functions. Agents push AgentReports into `report()` from their own threads; the loop reads what they pushed.
 Every decision is logged with its reason and interruptions are stored with their time split as they complete.
 """
 
@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,61 +36,14 @@ from orchestrator.diagnose import Failure, diagnose, hardware_cause
 from orchestrator.hangs import flight_recorder_evidence
 from orchestrator.operations import Operations
 from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
-from orchestrator.recovery import Recovered, recover
+from orchestrator.recovery import carry_on, recover
 from orchestrator.store import Store
+from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
+    ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, Stopped)
 from orchestrator.workers import GroupStatus, WorkerGroup, close_actor
 
 log = logging.getLogger("herdsman.controller")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-# --- states ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Scheduling:
-    since: float
-
-
-@dataclass(frozen=True)
-class Running:
-    group: WorkerGroup
-    started_at: float
-
-
-@dataclass(frozen=True)
-class Failing:
-    group: WorkerGroup
-    since: float  # first sign of the failure
-    hang: bool = False  # no progress while every rank lives
-
-
-@dataclass(frozen=True)
-class Draining:
-    """Take hosts out after a fresh checkpoint: planned maintenance, or a GPU held down by heat."""
-
-    group: WorkerGroup
-    verdict: Verdict
-    requested_at: float
-    deadline: float
-
-
-@dataclass(frozen=True)
-class BackingOff:
-    until: float
-
-
-@dataclass(frozen=True)
-class Finished:
-    pass
-
-
-@dataclass(frozen=True)
-class Stopped:
-    reason: str
-
-
-TERMINAL = (Finished, Stopped)
-# what the ranks of one attempt said about themselves: a later attempt's failure is not explained by it
-_OF_AN_ATTEMPT = (EvidenceKind.TRAINER_HANG, EvidenceKind.TRAINER_EXCEPTION, EvidenceKind.TRAINER_EXIT)
 
 
 class Controller(Operations):
@@ -142,51 +95,11 @@ class Controller(Operations):
         self.api_url = ""
         self.recovered = recover(self.store, config.job, self.run_dir)
         if self.recovered is not None:
-            self._carry_on(self.recovered)
+            carry_on(self, self.recovered)
         else:
             self.store.upsert_job(config.job, state="scheduling", started_at=self.started_at,
                                   target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
                                   last_step=0, productive_s=0.0, checkpoint_s=0.0)
-
-    def _carry_on(self, r: Recovered) -> None:
-        """A restarted controller (Ray's max_restarts) picks the job up where the dead one left it.
-
-        The dead controller's rank actors died with it (Ray's ownership), so the attempt it ran is over: that is an
-        interruption of its own, unless the dead one had already recorded the attempt's failure.
-        """
-        self.started_at = r.job.started_at
-        self.step_time, self.last_step, self.last_step_at = r.step_time, r.last_step, r.last_step_at
-        self.ckpt_at, self.ckpt_stall_s, self.resumed_at = r.ckpt_at, r.ckpt_stall_s, r.resumed_at
-        self.last_loss = r.last_loss
-        for it in r.interruptions:  # the crash-loop guard and the lemon detector remember
-            self.verdicts.append(it.verdict)
-            self.lemons.implicate(it.verdict, it.failed_at)
-        self.restarts = sum(1 for it in r.interruptions if not it.planned)
-        self.previous = sorted(h for h, st in self.pool.status.items() if st.state == HostState.HEALTHY)
-        if r.interrupted_attempt_recorded:
-            last = max(r.interruptions, key=lambda it: it.attempt)
-            self.attempt = last.attempt + 1
-            self.pending = last if last.resumed_at is None else None
-        else:
-            now = time.time()
-            lost = r.job.attempt
-            verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (
-                f"herdsman controller restarted during attempt {lost}; the trainer ranks it owned ended with it",),
-                Action.RESTART, "the controller itself failed (no host is blamed)")
-            it = Interruption(self.cfg.job, lost, verdict, r.last_step_at.get(lost, now), now,
-                              last_step=r.last_step.get(lost, 0))
-            self.store.record_interruption(it)
-            self.verdicts.append(verdict)
-            self.restarts += 1
-            self.pending = it
-            self.attempt = lost + 1
-        self.store.upsert_job(self.cfg.job, state="scheduling", attempt=self.attempt)
-        self._decide(f"controller restarted: carrying on job {self.cfg.job} at attempt {self.attempt}, "
-                     f"step {max(self.step_time) if self.step_time else 0}, {len(self.verdicts)} verdict(s) so far, "
-                     f"checkpoints up to step {max(self.ckpt_at) if self.ckpt_at else '-'}")
-        # Ray re-ran only the constructor: serve and loop again without waiting for the launcher
-        self.start_api()
-        self.start()
 
     # --- agents push here -----------------------------------------------------------------------------------
     def report_batch(self, reports: list[AgentReport]) -> None:
@@ -417,7 +330,7 @@ class Controller(Operations):
             self.evidence.extend(hang_evidence)
             # what a host showed before it was repaired and returned to service is not about this failure
             evidence = [e for e in self.evidence if window <= e.time <= now and e.time > self.returned_at.get(e.host, 0)
-                        and (e.kind not in _OF_AN_ATTEMPT or e.time >= self.attempt_started_at)]
+                        and (e.kind not in ATTEMPT_EVIDENCE or e.time >= self.attempt_started_at)]
         verdict = diagnose(failure, evidence)
         detected_at = time.time()
         self._decide(f"verdict {verdict.cause.value} ({verdict.confidence:.2f}) hosts={list(verdict.hosts)} "
@@ -525,13 +438,17 @@ class Controller(Operations):
     def _persist_progress(self, final: bool = False) -> None:
         self._persisted_at = time.time()
         with self.lock:
-            productive = sum(t for _, t in self.step_time.values())
             last = max(self.step_time) if self.step_time else 0
-        fields: dict[str, Any] = dict(last_step=last, productive_s=productive, checkpoint_s=self.ckpt_stall_s)
+        fields: dict[str, Any] = dict(last_step=last, productive_s=self.productive_s(), checkpoint_s=self.ckpt_stall_s)
         if final or isinstance(self.state, TERMINAL):
             fields.update(state="finished" if isinstance(self.state, Finished) else "stopped", ended_at=time.time(),
                           message=getattr(self.state, "reason", ""))
         self.store.upsert_job(self.cfg.job, **fields)
+
+    def productive_s(self) -> float:
+        """Kept step time: each step once, in the attempt that kept it."""
+        with self.lock:
+            return sum(t for _, t in self.step_time.values())
 
     def done(self) -> bool:
         return isinstance(self.state, TERMINAL)

@@ -13,10 +13,9 @@ from typing import Any, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from herdsman.events import HostState
+from herdsman.events import TIME_SPLIT, HostState
 from herdsman.taxonomy import RootCause
-
-SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
+from orchestrator.report import time_split
 
 
 class JobCollector(Collector):
@@ -46,20 +45,14 @@ class JobCollector(Collector):
         state.add_metric([job, str(st.get("state", ""))], 1.0)
         yield state
 
-        wall = st.get("wall_s")
-        split = {"productive": st.get("productive_s") or 0.0, "checkpoint": st.get("checkpoint_s") or 0.0,
-                 "detection": sum(i.get("detection_s") or 0.0 for i in its),
-                 "restart": sum(i.get("restart_s") or 0.0 for i in its),
-                 "restore": sum(i.get("restore_s") or 0.0 for i in its),
-                 "lost_work": sum(i.get("lost_work_s") or 0.0 for i in its)}
-        if wall is not None:
-            split["idle"] = max(0.0, wall - sum(split.values()))
+        split = time_split(st.get("wall_s") or 0.0, st.get("productive_s") or 0.0, st.get("checkpoint_s") or 0.0,
+                           [(i.get("detection_s") or 0.0, i.get("restart_s"), i.get("restore_s"),
+                             i.get("lost_work_s") or 0.0) for i in its])
         secs = CounterMetricFamily("herdsman_job_time_seconds", "Wall time of the job by where it went (DESIGN.md "
                                    "split: productive, checkpoint, detection, restart, restore, lost_work, idle).",
                                    labels=["job", "kind"])
-        for kind in SPLIT:
-            if kind in split:
-                secs.add_metric([job, kind], float(split[kind]))
+        for kind in TIME_SPLIT:
+            secs.add_metric([job, kind], float(split[kind]))
         yield secs
 
         counts = Counter((i.get("cause", "unknown"), bool(i.get("planned"))) for i in its)

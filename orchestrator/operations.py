@@ -51,8 +51,8 @@ class Operations:
     def _progress_view(self) -> dict[str, Any]:
         """ETTR so far (kept step time over wall time), the latest step time, the age of the latest checkpoint."""
         now = time.time()
+        productive = self.productive_s()
         with self.lock:
-            productive = sum(t for _, t in self.step_time.values())
             last = self.step_time[max(self.step_time)][1] if self.step_time else None
             ckpt = max(self.ckpt_at.values()) if self.ckpt_at else None
         wall = now - self.started_at

@@ -5,16 +5,23 @@ store holds the job (its current attempt, productive time), every interruption w
 rank 0's report streams (`<run_dir>/nodes/<host>/stats/rank00000-attempt*.jsonl`, on the shared run directory)
 hold every completed step and checkpoint. Together they rebuild the progress counters exactly, so ETTR is not
 counted twice and the crash-loop guard and lemon detector remember what happened before the restart.
+`recover` reads it; `carry_on` puts it into the new controller.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from herdsman.events import Interruption, TrainerPhase
+from herdsman.events import HostState, Interruption, TrainerPhase, Verdict
+from herdsman.taxonomy import Action, RootCause
 from orchestrator.store import JobRecord, Store
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller
 
 LIVE_STATES = ("scheduling", "running")
 
@@ -75,3 +82,44 @@ def _read_stream(path: Path, r: Recovered) -> None:
                     r.last_step[attempt] = max(r.last_step.get(attempt, 0), step)
         except (KeyError, TypeError, ValueError):
             continue  # a torn last line of a crashed rank
+
+
+def carry_on(ctrl: Controller, r: Recovered) -> None:
+    """A restarted controller (Ray's max_restarts) picks the job up where the dead one left it.
+
+    The dead controller's rank actors died with it (Ray's ownership), so the attempt it ran is over: that is an
+    interruption of its own, unless the dead one had already recorded the attempt's failure.
+    """
+    ctrl.started_at = r.job.started_at
+    ctrl.step_time, ctrl.last_step, ctrl.last_step_at = r.step_time, r.last_step, r.last_step_at
+    ctrl.ckpt_at, ctrl.ckpt_stall_s, ctrl.resumed_at = r.ckpt_at, r.ckpt_stall_s, r.resumed_at
+    ctrl.last_loss = r.last_loss
+    for it in r.interruptions:  # the crash-loop guard and the lemon detector remember
+        ctrl.verdicts.append(it.verdict)
+        ctrl.lemons.implicate(it.verdict, it.failed_at)
+    ctrl.restarts = sum(1 for it in r.interruptions if not it.planned)
+    ctrl.previous = sorted(h for h, st in ctrl.pool.status.items() if st.state == HostState.HEALTHY)
+    if r.interrupted_attempt_recorded:
+        last = max(r.interruptions, key=lambda it: it.attempt)
+        ctrl.attempt = last.attempt + 1
+        ctrl.pending = last if last.resumed_at is None else None
+    else:
+        now = time.time()
+        lost = r.job.attempt
+        verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (
+            f"herdsman controller restarted during attempt {lost}; the trainer ranks it owned ended with it",),
+            Action.RESTART, "the controller itself failed (no host is blamed)")
+        it = Interruption(ctrl.cfg.job, lost, verdict, r.last_step_at.get(lost, now), now,
+                          last_step=r.last_step.get(lost, 0))
+        ctrl.store.record_interruption(it)
+        ctrl.verdicts.append(verdict)
+        ctrl.restarts += 1
+        ctrl.pending = it
+        ctrl.attempt = lost + 1
+    ctrl.store.upsert_job(ctrl.cfg.job, state="scheduling", attempt=ctrl.attempt)
+    ctrl._decide(f"controller restarted: carrying on job {ctrl.cfg.job} at attempt {ctrl.attempt}, "
+                 f"step {max(ctrl.step_time) if ctrl.step_time else 0}, {len(ctrl.verdicts)} verdict(s) so far, "
+                 f"checkpoints up to step {max(ctrl.ckpt_at) if ctrl.ckpt_at else '-'}")
+    # Ray re-ran only the constructor: serve and loop again without waiting for the launcher
+    ctrl.start_api()
+    ctrl.start()

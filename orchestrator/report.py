@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from herdsman.events import Interruption
+from herdsman.events import TIME_SPLIT, Interruption
 from herdsman.taxonomy import RootCause
 from orchestrator.store import JobRecord, Store
 
@@ -54,16 +54,23 @@ def summarize(store: Store, job: str) -> Summary:
         raise HerdsmanError(f"no job named {job!r} in {store.url} (jobs: {known})")
     its = store.interruptions(job)
     wall = (rec.ended_at or time.time()) - rec.started_at
-    split = {
-        "productive": rec.productive_s,
-        "checkpoint": rec.checkpoint_s,
-        "detection": sum(i.detection_s for i in its),
-        "restart": sum(i.restart_s or 0.0 for i in its),
-        "restore": sum(i.restore_s or 0.0 for i in its),
-        "lost_work": sum(i.lost_work_s for i in its),
-    }
-    split["idle"] = max(0.0, wall - sum(split.values()))
-    return Summary(rec, its, wall, split)
+    return Summary(rec, its, wall, time_split(wall, rec.productive_s, rec.checkpoint_s,
+                                              [(i.detection_s, i.restart_s, i.restore_s, i.lost_work_s) for i in its]))
+
+
+def time_split(wall_s: float, productive_s: float, checkpoint_s: float,
+               interruptions: list[tuple[float, float | None, float | None, float]]) -> dict[str, float]:
+    """The TIME_SPLIT of a job from its kept step time, checkpoint stalls and each interruption's (detection,
+    restart, restore, lost work); idle is the rest of the wall time."""
+    split = dict.fromkeys(TIME_SPLIT, 0.0)
+    split["productive"], split["checkpoint"] = productive_s, checkpoint_s
+    for detection, restart, restore, lost in interruptions:
+        split["detection"] += detection
+        split["restart"] += restart or 0.0
+        split["restore"] += restore or 0.0
+        split["lost_work"] += lost
+    split["idle"] = max(0.0, wall_s - sum(split.values()))
+    return split
 
 
 def table5(interruptions: list[Interruption]) -> list[list[object]]:

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from herdsman.config import ConfigError, ControllerConfig, SimulateConfig
-from herdsman.events import Verdict
+from herdsman.events import TIME_SPLIT, Verdict
 from herdsman.taxonomy import TABLE5_UNEXPECTED, Action, RootCause
 from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
 
 DAY = 86400.0
 TABLE5_DAYS, TABLE5_GPUS = 54.0, 16384
-SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
 
 # How each cause is noticed: which detection time of the config applies.
 _DETECT = {
@@ -201,11 +200,12 @@ class Simulation:
         self.planned_rate = cfg.planned_per_day / DAY
         self.returns: list[tuple[float, int, str, str]] = []  # (when, tiebreak, host, why) for hosts in repair
         self._tick = itertools.count()
-        self.split = dict.fromkeys(SPLIT, 0.0)
+        self.split = dict.fromkeys(TIME_SPLIT, 0.0)
         self.result = SimResult(cfg, cfg.days * DAY, self.split, [], lemon_hosts=len(lemons))
         self.history: list[Verdict] = []
         self.restarts = self.no_progress = 0
         self.hold_until = 0.0
+        self.n_events = 0
 
     # --- the fleet --------------------------------------------------------------------------------------------
     def _place(self, previous: list[str], now: float) -> list[str] | None:
@@ -302,7 +302,7 @@ class Simulation:
             detect = 0.0 if planned else self._detection(cause)
             stall = cfg.checkpoint_stall_s if drained and "checkpoint" in acc else 0.0
             now = t + stall + detect
-            self.n_events = getattr(self, "n_events", 0) + 1
+            self.n_events += 1
             # distinct text per event: a crash loop is the same failure again, not the same cause again
             verdict = Verdict(cause, 1.0, hosts, (), (f"simulated {cause.value} #{self.n_events}",),
                               cause.facts.action, "planned maintenance" if planned else "simulated failure")

@@ -32,13 +32,19 @@ def job_config(tmp_path, name, trainer=None, controller=None, agent=None):
     })
 
 
+def xid79_on_rank1(ctrl, after_step):
+    """Once the job has trained past `after_step`, rank 1's GPU falls off the bus; returns that host."""
+    st = wait_until(ctrl, lambda s: s["step"] >= after_step and s["state"] == "running", 300)
+    victim = st["placement"][1]
+    ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+    return victim
+
+
 def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, tmp_path):
     cfg = job_config(tmp_path, "xid79")
     ctrl = launch_controller(cfg)
     try:
-        st = wait_until(ctrl, lambda s: s["step"] >= 12 and s["state"] == "running", 300)
-        victim = st["placement"][1]
-        ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+        victim = xid79_on_rank1(ctrl, 12)
         st = wait_done(ctrl, 300)
     finally:
         stop_controller(ctrl)
@@ -215,9 +221,7 @@ def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
     cfg = job_config(tmp_path, "phoenix")
     ctrl = launch_controller(cfg)
     try:
-        st = wait_until(ctrl, lambda s: s["step"] >= 10 and s["state"] == "running", 300)
-        victim = st["placement"][1]
-        ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
+        victim = xid79_on_rank1(ctrl, 10)
         st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running" and s["step"] >= 17, 300)
         pid_before = st["pid"]
         ray.kill(ctrl, no_restart=False)  # the controller's process dies; Ray starts it again
@@ -244,18 +248,18 @@ def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
     assert stats == {"rank00000-attempt0000.jsonl", "rank00000-attempt0001.jsonl", "rank00000-attempt0002.jsonl"}
 
 
-def _next_verdict(ctrl, inject, n_verdicts, timeout=240):
-    """Wait for steady progress, inject, and wait for the verdict it causes and for training to resume."""
-    st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 4 and s["step"] > _next_verdict.mark + 3,
-                    timeout)
-    _next_verdict.mark = st["step"]
+def _next_verdict(ctrl, inject, n_verdicts, mark, timeout=240):
+    """Wait for progress past step `mark`, inject, and wait for the verdict it causes. Returns the verdict, the
+    status, and the step at which the fault was injected."""
+    st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 4 and s["step"] > mark + 3, timeout)
+    injected_at = st["step"]
     inject(st)
     st = wait_until(ctrl, lambda s: len(s["verdicts"]) > n_verdicts, timeout)
-    return st["verdicts"][n_verdicts], st
+    return st["verdicts"][n_verdicts], st, injected_at
 
 
 def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, tmp_path):
-    """One job, nine faults from Table 5's mix, each with the evidence a real one leaves: the verdict, the blamed
+    """One job, eight faults from Table 5's mix, each with the evidence a real one leaves: the verdict, the blamed
     host and the action must all be right. Hosts repaired in between go back to service through the health check."""
     cfg = job_config(tmp_path, "campaign", trainer={"steps": 100000},
                      controller={"hang_timeout_s": 5.0, "lemon_threshold": 100, "max_restarts": 50},
@@ -263,17 +267,14 @@ def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, 
     for h in HOSTS:  # a per-host kernel log and NIC, as the agents of an embedded cluster see them
         (tmp_path / "run" / "nodes" / h).mkdir(parents=True, exist_ok=True)
         (tmp_path / "run" / "nodes" / h / "kern.log").write_text("")
-    _next_verdict.mark = 0
     ctrl = launch_controller(cfg)
-    seen = []
+    seen, mark = [], [0]
 
-    def check(inject, cause, blamed, action):
-        v, st = _next_verdict(ctrl, inject, len(seen))
+    def check(inject, cause, action):
+        v, st, mark[0] = _next_verdict(ctrl, inject, len(seen), mark[0])
         seen.append(v)
         (tmp_path / "decisions.txt").write_text("\n".join(st["decisions"]))
         assert v["cause"] == cause, (cause, v, "\n".join(st["decisions"][-40:]))
-        if blamed is not None:
-            assert v["hosts"] == [blamed], (cause, v)
         assert v["action"] == action, (cause, v)
         return st
 
@@ -296,13 +297,13 @@ def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, 
                 ray.get(ctrl.inject_gpu_fault.remote(victim[key], fault, gpu=0, **kw))
             return inject
 
-        check(gpu("xid", "48", code=48), "gpu_hbm3_memory", None, "evict")
+        check(gpu("xid", "48", code=48), "gpu_hbm3_memory", "evict")
         assert seen[-1]["hosts"] == [victim["48"]]
         repair(victim["48"], ("clear", {}))
-        check(gpu("xid", "119", code=119), "gpu_system_processor", None, "evict")
+        check(gpu("xid", "119", code=119), "gpu_system_processor", "evict")
         assert seen[-1]["hosts"] == [victim["119"]]
         repair(victim["119"], ("clear", {}))
-        check(gpu("ecc", "sram", memory="sram", uncorrected=True), "gpu_sram_memory", None, "evict")
+        check(gpu("ecc", "sram", memory="sram", uncorrected=True), "gpu_sram_memory", "evict")
         assert seen[-1]["hosts"] == [victim["sram"]]
         repair(victim["sram"], ("clear", {}))
 
@@ -314,27 +315,27 @@ def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, 
             ray.get(ctrl.inject_trainer_fault.remote(2, "exception", "RuntimeError: [../third_party/gloo/gloo/"
                                                      "transport/tcp/pair.cc:534] Connection closed by peer "
                                                      "[10.0.3.7]:40117", st["step"] + 1))
-        check(nic_down, "nic", None, "evict")
+        check(nic_down, "nic", "evict")
         assert seen[-1]["hosts"] == [victim["nic"]]
         repair(victim["nic"], ("nic", {"iface": "eth0", "state": "up"}))
 
         check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(1, "hang", "", st["step"] + 1)),
-              "nccl_watchdog_timeout", None, "restart")
+              "nccl_watchdog_timeout", "restart")
         assert seen[-1]["ranks"] == [1]  # the flight recorder named the rank that stopped joining
         check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "KeyError: 'lr_scale'",
                                                                   st["step"] + 1)),
-              "software_bug", None, "restart")
+              "software_bug", "restart")
 
         def thermal(st):
             victim["thermal"] = st["placement"][0]
             ray.get(ctrl.inject_gpu_fault.remote(victim["thermal"], "thermal", gpu=0, cooling=0.2))
-        st = check(thermal, "gpu_thermal_interface_sensor", None, "drain")
+        st = check(thermal, "gpu_thermal_interface_sensor", "drain")
         assert seen[-1]["hosts"] == [victim["thermal"]]
         assert any("straggling (thermal)" in e or "thermal slowdown" in e for e in seen[-1]["evidence"])
 
         check(lambda st: ray.get(ctrl.inject_trainer_fault.remote(
             0, "exception", "ImportError: /usr/lib/x86_64-linux-gnu/libnccl.so.2: undefined symbol: "
-            "ncclCommInitRankScalable", st["step"] + 1)), "dependency", None, "stop")
+            "ncclCommInitRankScalable", st["step"] + 1)), "dependency", "stop")
         st = wait_done(ctrl, 120)
     finally:
         stop_controller(ctrl)

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from herdsman.events import Interruption, Verdict
-from herdsman.taxonomy import Action, RootCause
+from herdsman.taxonomy import RootCause
 from orchestrator.postmortem import host_implications, render_html, render_markdown, runbook_url
 from orchestrator.report import summarize
 from orchestrator.store import Store

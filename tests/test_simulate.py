@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from herdsman.config import ConfigError, SimulateConfig
+from herdsman.events import TIME_SPLIT
 from herdsman.taxonomy import TABLE5_PLANNED, TABLE5_UNEXPECTED, RootCause
-from orchestrator.simulate import SPLIT, expected_unexpected, parse_values, profile, simulate
+from orchestrator.simulate import expected_unexpected, parse_values, profile, simulate
 
 SEEDS = range(6)
 
@@ -120,7 +121,7 @@ small = st.builds(
 def test_ettr_is_a_fraction_and_the_split_sums_to_the_wall(cfg):
     r = simulate(cfg)
     assert 0.0 <= r.ettr <= 1.0
-    assert set(r.split) == set(SPLIT) and all(v >= -1e-6 for v in r.split.values()), r.split
+    assert set(r.split) == set(TIME_SPLIT) and all(v >= -1e-6 for v in r.split.values()), r.split
     assert sum(r.split.values()) == pytest.approx(r.wall_s, rel=1e-9)
     for i in r.interruptions:
         assert min(i.detection_s, i.restart_s, i.restore_s, i.lost_work_s, i.idle_s) >= -1e-6
