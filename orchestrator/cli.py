@@ -224,6 +224,33 @@ def checkpoint_verify(path: str) -> None:
         raise HerdsmanError(f"{bad} of {len(targets)} checkpoint(s) failed verification")
 
 
+@main.group()
+def dashboards() -> None:
+    """Grafana dashboards (also provisioned from files by docker-compose)."""
+
+
+@dashboards.command("push")
+@click.option("--url", required=True, help="Grafana base URL, e.g. http://grafana:3000")
+@click.option("--token", envvar="GRAFANA_TOKEN", help="Service-account token (env GRAFANA_TOKEN).")
+@click.option("--user", envvar="GRAFANA_USER", help="Basic-auth user (env GRAFANA_USER), instead of a token.")
+@click.option("--password", envvar="GRAFANA_PASSWORD", help="Basic-auth password (env GRAFANA_PASSWORD).")
+@click.option("--folder", default="Herdsman", show_default=True)
+@click.option("--prometheus-url", help="Create or repoint the dashboards' Prometheus datasource to this URL.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True),
+              help="Dashboards directory (default: the packaged dashboards/).")
+def dashboards_push(url: str, token: str | None, user: str | None, password: str | None, folder: str,
+                    prometheus_url: str | None, directory: str | None) -> None:
+    """Push every dashboard into a Grafana folder through its HTTP API (idempotent: overwrites by uid)."""
+    from orchestrator.grafana_push import DASHBOARDS_DIR, load_dashboards, push
+
+    if token and user:
+        raise HerdsmanError("give either --token or --user/--password, not both")
+    credential: str | tuple[str, str] | None = token or ((user, password or "") if user else None)
+    boards = load_dashboards(Path(directory) if directory else DASHBOARDS_DIR)
+    for p in push(url, credential, boards, folder=folder, prometheus_url=prometheus_url):
+        click.echo(f"pushed {p.uid:<22} v{p.version:<3} {url.rstrip('/')}{p.url}  ({p.title})")
+
+
 @main.command()
 @config_option
 @click.option("--profile", "profile_name", type=click.Choice(["llama3", "herdsman"]),

@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from herdsman.events import Interruption
 from herdsman.taxonomy import RootCause
-from orchestrator.report import Summary, table5
+from orchestrator.report import Summary, planned_note, table5
 
 RUNBOOKS = Path(__file__).resolve().parent.parent / "runbooks"
 _COLORS = {"lost_work": "#9e9e9e", "detection": "#e53935", "restart": "#fb8c00", "restore": "#fdd835"}
@@ -103,8 +103,11 @@ def _split_rows(s: Summary) -> list[list[str]]:
             for k, v in s.split.items()]
 
 
-def _fmt(v: float | None, unit: str = " s") -> str:
-    return "-" if v is None else f"{v:.2f}{unit}"
+def _fmt(v: float | None) -> str:
+    """Seconds in the unit a reader wants: a demo's MTTR in seconds, a 54-day run's MTTF in hours."""
+    if v is None:
+        return "-"
+    return f"{v:.2f} s" if v < 120 else f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.2f} h"
 
 
 def render_markdown(s: Summary, runbook_base: str = "", images: dict[str, str] | None = None) -> str:
@@ -117,6 +120,8 @@ def render_markdown(s: Summary, runbook_base: str = "", images: dict[str, str] |
     rows = table5(s.interruptions)
     out.append(tabulate(rows, headers=["Component", "Category", "RootCause", "Count", "%"], tablefmt="github")
                if rows else "None.")
+    if planned_note(s.interruptions):
+        out += ["", planned_note(s.interruptions)]
     out += ["", f"## Effective training time: {100 * s.ettr:.1f}%", "",
             tabulate(_split_rows(s), headers=["time", "seconds", "share"], tablefmt="github"), "",
             f"MTTF {_fmt(s.mttf_s)}, MTTR {_fmt(s.mttr_s)}.", ""]
@@ -162,6 +167,7 @@ def render_html(s: Summary, runbook_base: str = "") -> str:
              f"{len(s.interruptions)} interruption(s). {e(j.message)}</p>",
              "<h2>Interruptions by root cause</h2>",
              table(["Component", "Category", "RootCause", "Count", "%"], table5(s.interruptions)),
+             f"<p>{e(planned_note(s.interruptions))}</p>",
              f"<h2>Effective training time: {100 * s.ettr:.1f}%</h2>",
              table(["time", "seconds", "share"], _split_rows(s)),
              f"<p>MTTF {e(_fmt(s.mttf_s))}, MTTR {e(_fmt(s.mttr_s))}</p>"]

@@ -74,7 +74,13 @@ def time_split(wall_s: float, productive_s: float, checkpoint_s: float,
 
 
 def table5(interruptions: list[Interruption]) -> list[list[object]]:
-    return table5_rows(Counter(i.verdict.cause for i in interruptions))
+    """Table 5 counts unexpected interruptions only; planned ones are reported beside it (`planned_note`)."""
+    return table5_rows(Counter(i.verdict.cause for i in interruptions if not i.planned))
+
+
+def planned_note(interruptions: list[Interruption]) -> str:
+    n = sum(1 for i in interruptions if i.planned)
+    return f"Unexpected interruptions only; {n} planned interruption(s) are not counted here, as in Table 5." if n else ""
 
 
 def table5_rows(counts: Counter[RootCause]) -> list[list[object]]:
@@ -96,6 +102,8 @@ def render_text(s: Summary) -> str:
     out.append("Interruptions by root cause (Llama 3 Table 5 categories)")
     rows = table5(s.interruptions)
     out.append(tabulate(rows, headers=["Component", "Category", "RootCause", "Count", "%"]) if rows else "  none")
+    if planned_note(s.interruptions):
+        out.append(planned_note(s.interruptions))
     out.append("")
     out.append(f"Effective training time (ETTR): {100 * s.ettr:.1f}%")
     out.append(tabulate([[k, f"{v:.2f}", f"{100 * v / s.wall_s:.1f}%" if s.wall_s else "-"] for k, v in s.split.items()],

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,20 @@ def postgres_url():
     finally:
         subprocess.run(as_pg + [f"{bin_dir}/pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def artifacts_dir() -> Path:
+    """Where tests leave files for a human to look at (screenshots, reports)."""
+    return Path(os.environ.get("HERDSMAN_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+_SESSION_START = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    d = artifacts_dir()
+    written = sorted(p for p in d.rglob("*") if p.is_file() and p.stat().st_mtime >= _SESSION_START) if d.exists() else []
+    if written:
+        terminalreporter.section("artifacts written by this run")
+        for p in written:
+            terminalreporter.write_line(str(p))

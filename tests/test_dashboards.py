@@ -85,3 +85,23 @@ def test_every_grafana_dashboard_queries_exported_metrics_through_the_provisione
             for t in panel["targets"]:
                 for name in re.findall(r"herdsman_[a-z_]+", t["expr"]):
                     assert name.removesuffix("_total") in exported, (b["uid"], panel["title"], name)
+
+
+def test_docker_compose_file_validates():
+    """`docker-compose config` (Debian's docker-compose 1.29; no engine is needed, none exists here)."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        if os.environ.get("HERDSMAN_REQUIRE_COMPOSE"):
+            pytest.fail("docker-compose is required (Debian package docker-compose)")
+        pytest.skip("docker-compose not installed")
+    compose = DASH.parent / "docker-compose.yml"
+    env = {**os.environ, "RAY_AUTH_TOKEN": "test-secret"}
+    r = subprocess.run([exe, "-f", str(compose), "config"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert set(cfg["services"]) == {"prometheus", "grafana", "ray-head", "ray-worker"}
+    assert cfg["services"]["ray-head"]["environment"]["RAY_AUTH_TOKEN"] == "test-secret"
+    # the shared Ray token is mandatory: no cluster starts with auth silently off
+    env.pop("RAY_AUTH_TOKEN")
+    r = subprocess.run([exe, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "set RAY_AUTH_TOKEN" in r.stderr

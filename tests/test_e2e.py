@@ -1,5 +1,6 @@
 """The whole loop on a real local multi-node Ray cluster: 3 worker hosts + 1 spare, real trainer processes."""
 
+import re
 import time
 
 import pytest
@@ -11,6 +12,8 @@ from herdsman.taxonomy import RootCause
 from orchestrator.cluster import LocalCluster, connect
 from orchestrator.job import launch_controller, stop_controller, wait_done, wait_until
 from orchestrator.store import Store
+from tests.prometheus_server import prometheus, wait_for
+from tests.test_web import chromium_page, save_screenshot
 
 pytestmark = pytest.mark.e2e
 HOSTS = ["host-1", "host-2", "host-3", "host-4"]
@@ -46,6 +49,13 @@ def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, t
     try:
         victim = xid79_on_rank1(ctrl, 12)
         st = wait_done(ctrl, 300)
+        # the operator page, from the real controller in a real browser, shows the evicted host
+        with chromium_page() as page:
+            page.goto(st["api_url"] + "/")
+            page.wait_for_selector(f"#hosts tr[data-host='{victim}']")
+            assert page.inner_text(f"#hosts tr[data-host='{victim}'] .state") == "quarantined"
+            assert "faulty_gpu" in page.inner_text("#interruptions")
+            save_screenshot(page, "operator-page-after-xid79.png")
     finally:
         stop_controller(ctrl)
 
@@ -151,6 +161,17 @@ def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
             metrics = api.get("/metrics").text
             assert 'herdsman_job_step{job="api"}' in metrics
             assert 'herdsman_host_state{host="host-4",state="spare"} 1.0' in metrics
+            # a real Prometheus scrapes the four agents and the controller, as dashboards/prometheus.yml does
+            with prometheus(tmp_path / "prom", {"herdsman-agents": list(st["metrics_urls"].values()),
+                                                "herdsman-controller": [st["api_url"] + "/metrics"]},
+                            honor_labels=("herdsman-controller",)) as query:
+                up = wait_for(query, "up == 1", lambda r: len(r) == 5)
+                assert {m["job"] for m, _ in up} == {"herdsman-agents", "herdsman-controller"}
+                temps = wait_for(query, "herdsman_gpu_temperature_celsius", lambda r: len(r) == 8)
+                assert {m["node"] for m, _ in temps} == set(HOSTS) and all(20 < v < 100 for _, v in temps)
+                (step,) = wait_for(query, 'herdsman_job_step{job="api"}', lambda r: len(r) == 1 and r[0][1] >= 3)
+                assert wait_for(query, 'herdsman_host_state{state="spare"} == 1', lambda r: len(r) == 1)[0][0][
+                    "host"] == "host-4"
             assert api.post("/api/hosts/host-4/quarantine", json={"reason": "x"}).status_code == 401
             victim = st["placement"][2]
             r = api.post(f"/api/hosts/{victim}/quarantine", json={"reason": "reseat the IB cable"}, headers=auth)
@@ -346,3 +367,20 @@ def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, 
     assert causes == ["gpu_hbm3_memory", "gpu_system_processor", "gpu_sram_memory", "nic", "nccl_watchdog_timeout",
                       "software_bug", "gpu_thermal_interface_sensor", "dependency"]
     assert st["hosts"][victim["thermal"]] == "quarantined"
+    # the postmortem of the campaign: one row per unexpected cause, both plots embedded
+    from orchestrator.postmortem import render_html, render_markdown
+    from orchestrator.report import summarize
+    from tests.conftest import artifacts_dir
+
+    summary = summarize(store, "campaign")
+    md = render_markdown(summary)
+    unexpected = [i.verdict.cause.value for i in store.interruptions("campaign") if not i.planned]
+    assert len(unexpected) >= 7
+    for cause in unexpected:
+        assert re.search(rf"\| {cause} +\| +1 \|", md), (cause, md)
+    assert md.count("### Attempt") == 8 and 0 < summary.ettr < 1
+    html = render_html(summary)
+    assert html.count("data:image/png;base64,") == 2
+    out = artifacts_dir() / "postmortem-campaign.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html)

@@ -5,13 +5,16 @@ and its actions send the operator token."""
 import os
 import shutil
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from orchestrator.api import ApiServer, create_app
+from tests.conftest import artifacts_dir
 
 TOKEN = "page-token"
+ARTIFACTS = artifacts_dir()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -63,27 +66,47 @@ class Ops:
         self.calls.append(("stop", reason))
 
 
-@pytest.fixture
-def page_and_ops():
+@contextmanager
+def chromium_page():
+    """A page in Debian's Chromium driven by Playwright (the tests need no browser download)."""
     if CHROMIUM is None:
         if os.environ.get("HERDSMAN_REQUIRE_BROWSER"):
             pytest.fail("Chromium is required (Debian package chromium)")
         pytest.skip("no Chromium on this machine")
     from playwright.sync_api import sync_playwright
 
-    ops = Ops()
-    server = ApiServer(create_app(ops, TOKEN), "127.0.0.1", 0)
-    url = server.start()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page()
-        page.on("dialog", lambda d: d.accept("bad fan" if d.type == "prompt" else None))
-        page.goto(url + "/")
-        yield page, ops, url
-        browser.close()
-    server.stop()
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("dialog", lambda d: d.accept("bad fan" if d.type == "prompt" else None))
+            yield page
+        finally:
+            browser.close()
+
+
+def save_screenshot(page, name: str) -> str:
+    """Under $HERDSMAN_ARTIFACTS (default test-artifacts/); the test summary lists every file written there."""
+    path = ARTIFACTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a real render, not a blank page
+    return str(path)
+
+
+@pytest.fixture
+def page_and_ops():
+    ops = Ops()
+    server = ApiServer(create_app(ops, TOKEN), "127.0.0.1", 0)
+    url = server.start()
+    try:
+        with chromium_page() as page:
+            page.goto(url + "/")
+            yield page, ops, url
+    finally:
+        server.stop()
 
 
 def test_the_page_shows_fleet_job_gpus_and_interruptions(page_and_ops):
@@ -99,6 +122,7 @@ def test_the_page_shows_fleet_job_gpus_and_interruptions(page_and_ops):
     assert page.get_attribute("#interruptions a", "href") == "/runbooks/faulty_gpu.md"
     r = httpx.get(url + "/runbooks/faulty_gpu.md")  # the link works
     assert r.status_code == 200 and "Xid 79" in r.text
+    save_screenshot(page, "operator-page-standin.png")
 
 
 def test_the_page_updates_without_a_reload(page_and_ops):
