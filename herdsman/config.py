@@ -98,12 +98,25 @@ class TrainerConfig:
     """Entries in the PyTorch flight recorder ring buffer (TORCH_FR_BUFFER_SIZE)."""
     step_delay_s: float = 0.0
     """Extra sleep per step: stretches a tiny run so faults can land mid-training (demo/tests)."""
+    checkpoint_interval_s: float = 0.0
+    """Also checkpoint when this many seconds have passed since the last save (0: by steps only)."""
+    checkpoint_async: bool = True
+    """Write checkpoints in the background; the loop is blocked only to copy the state to host memory."""
+    memory_tier: bool = True
+    """Keep the latest snapshot in host RAM with a replica on a peer host, and restore from it when possible."""
+    memory_dir: str = ""
+    """Host-RAM directory of the memory tier ({job}, {host} and {run_dir} are filled in). Default: a tmpfs
+    (/dev/shm/herdsman/{job}/{host}) where one exists, else {run_dir}/memory/{host}."""
+    sdc_check_every: int = 1
+    """Check every this many steps that no rank's parameters changed outside the optimizer (0: off)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "trainer.steps must be >= 1")
         _check(self.checkpoint_every >= 1, "trainer.checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
         _check(self.ranks_per_host >= 1, "trainer.ranks_per_host must be >= 1")
+        _check(self.checkpoint_interval_s >= 0, "trainer.checkpoint_interval_s must be >= 0")
+        _check(self.sdc_check_every >= 0, "trainer.sdc_check_every must be >= 0")
 
 
 @dataclass(frozen=True)

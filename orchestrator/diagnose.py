@@ -66,13 +66,15 @@ def _re(p: str) -> re.Pattern[str]:
 PEER_SYMPTOMS = _re(
     r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited|"
     r"ECONNRESET|ProcessGroupGloo.*(?:recv|send)|Gloo connectFullMesh failed|NCCL communicator was aborted|"
-    r"SIGTERM|Socket Timeout|Connection refused"
+    r"SIGTERM|Socket Timeout|Connection refused|failed their parameter check"
 )
 
 # Exception text that names its own cause, first match wins.
 TEXT_RULES: tuple[TextRule, ...] = (
     TextRule(RootCause.DEPENDENCY, _re(r"ImportError|ModuleNotFoundError|undefined symbol|version mismatch|"
                                        r"GLIBC_[0-9.]+' not found|CUDA driver version is insufficient"), 0.85),
+    TextRule(RootCause.SILENT_DATA_CORRUPTION, _re(r"parameter checksum mismatch|cross-replica checksum mismatch|"
+                                                   r"silent data corruption"), 0.85),
     TextRule(RootCause.GPU_HBM3_MEMORY, _re(r"uncorrectable ECC error encountered"), 0.8),
     TextRule(RootCause.FAULTY_GPU, _re(r"CUDA error: unspecified launch failure|GPU is lost|fallen off the bus"), 0.7),
     TextRule(RootCause.GPU_SYSTEM_PROCESSOR, _re(r"GSP (?:RPC )?timeout|Timeout waiting for RPC from GSP"), 0.7),

@@ -127,3 +127,15 @@ def test_a_silent_host_is_blamed_as_unknown():
                       attrs={"reason": "AgentSilent"})
     v = diagnose(Failure(100.0, (), HOSTS), [silent])
     assert v.cause == RootCause.UNKNOWN and v.hosts == ("h3",) and v.action == Action.RESTART
+
+
+def test_the_rank_that_fails_its_parameter_check_is_blamed_not_its_peers():
+    tb = "Traceback (most recent call last):\n  File \"trainer/train.py\", line 213, in train\n"
+    f = Failure(100.0, (
+        RankFailure(0, "h1", 100.2, 1, tb + "trainer.sdc.PeerCorruption: stopping at step 7: rank(s) [1] failed "
+                                            "their parameter check; rolling back to a checkpoint of step <= 5"),
+        RankFailure(1, "h2", 100.1, 1, tb + "trainer.sdc.SilentDataCorruption: parameter checksum mismatch on rank 1 "
+                                            "(h2) at step 7: its parameters changed outside the optimizer")), HOSTS)
+    v = diagnose(f, [])
+    assert v.cause == RootCause.SILENT_DATA_CORRUPTION and v.hosts == ("h2",) and v.ranks == (1,)
+    assert v.action == Action.EVICT and "parameter checksum mismatch on rank 1" in v.evidence[0]

@@ -19,14 +19,16 @@ def free_port() -> int:
 
 
 def write_config(path: Path, run_dir: Path, **trainer: object) -> Path:
+    trainer.setdefault("memory_dir", "{run_dir}/memory/{host}")  # not the machine's shared /dev/shm
     lines = [f'run_dir = "{run_dir}"', 'job = "t"', "[trainer]"] + [f"{k} = {v!r}" for k, v in trainer.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def launch(config: Path, world: int, attempt: int, stats_dir: Path, control_dir: Path | None = None,
-           extra_env: dict[str, str] | None = None, timeout: float = 180) -> list[subprocess.CompletedProcess]:
-    procs = start(config, world, attempt, stats_dir, control_dir, extra_env)
+           extra_env: dict[str, str] | None = None, timeout: float = 180,
+           hosts: list[str] | None = None) -> list[subprocess.CompletedProcess]:
+    procs = start(config, world, attempt, stats_dir, control_dir, extra_env, hosts)
     out = []
     for p in procs:
         stdout, _ = p.communicate(timeout=timeout)
@@ -35,13 +37,13 @@ def launch(config: Path, world: int, attempt: int, stats_dir: Path, control_dir:
 
 
 def start(config: Path, world: int, attempt: int, stats_dir: Path, control_dir: Path | None = None,
-          extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+          extra_env: dict[str, str] | None = None, hosts: list[str] | None = None) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HERDSMAN_ATTEMPT": str(attempt),
-               "HERDSMAN_HOST": "local", "HERDSMAN_STATS_DIR": str(stats_dir), "OMP_NUM_THREADS": "1",
+               "HERDSMAN_HOST": hosts[rank] if hosts else "local", "HERDSMAN_STATS_DIR": str(stats_dir), "OMP_NUM_THREADS": "1",
                **(extra_env or {})}
         if control_dir is not None:
             env["HERDSMAN_CONTROL_DIR"] = str(control_dir)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -29,9 +31,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from herdsman import HerdsmanError
+from trainer.memory_tier import MemoryTier, copy_into, to_local
 
 MANIFEST = "herdsman.json"
+PIN = "PINNED"
 _NAME = re.compile(r"^step-(\d{8})$")
+_TMP = re.compile(r"^step-(\d{8})\..*\.tmp$")
 
 
 class CheckpointError(HerdsmanError):
@@ -48,6 +53,7 @@ class CheckpointInfo:
     step: int
     world_size: int
     saved_at: float
+    save_id: str = ""  # unique per save: the memory tier's copy must carry the same id
 
 
 def _crc32(path: Path) -> int:
@@ -66,12 +72,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(path: Path, step: int, world_size: int) -> None:
+def write_manifest(path: Path, step: int, world_size: int, save_id: str = "") -> None:
     files = {}
     for p in sorted(path.iterdir()):
         if p.is_file() and p.name != MANIFEST:
             files[p.name] = {"size": p.stat().st_size, "crc32": _crc32(p)}
-    body = {"format": 1, "step": step, "world_size": world_size, "saved_at": time.time(), "files": files}
+    body = {"format": 1, "step": step, "world_size": world_size, "saved_at": time.time(), "save_id": save_id,
+            "files": files}
     tmp = path / (MANIFEST + ".part")
     with open(tmp, "w") as f:
         json.dump(body, f, indent=1)
@@ -102,7 +109,7 @@ def verify(path: Path) -> CheckpointInfo:
             raise CheckpointError(f"checkpoint {path}: file {name} has {f.stat().st_size} bytes, manifest says {meta['size']}")
         if _crc32(f) != meta["crc32"]:
             raise CheckpointError(f"checkpoint {path}: file {name} fails its CRC32 check")
-    return CheckpointInfo(path, step, world, float(m.get("saved_at", 0.0)))
+    return CheckpointInfo(path, step, world, float(m.get("saved_at", 0.0)), str(m.get("save_id", "")))
 
 
 def committed(root: Path) -> list[Path]:
@@ -125,11 +132,44 @@ def latest_valid(root: Path, warn: Callable[[str], None] = print) -> CheckpointI
     return None
 
 
-class Checkpointer:
-    """Saves and restores the whole training state (model, optimizer, trainer state, per-rank RNG) with DCP."""
+class Pending:
+    """One save in flight: DCP writes in a background thread; the commit follows on rank 0."""
 
-    def __init__(self, root: Path, keep: int, rank: int, world_size: int):
+    def __init__(self, step: int, tmp: Path, blocked_s: float, save_id: str):
+        self.step, self.tmp, self.blocked_s, self.save_id = step, tmp, blocked_s, save_id
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.committed = False
+        self.memory_bytes = 0
+
+
+class Checkpointer:
+    """Saves and restores the whole training state (model, optimizer, trainer state, per-rank RNG) with DCP.
+
+    With `async_save`, `save` blocks the loop only to stage a copy in host memory (pinned under CUDA); the write,
+    the commit (rank 0: manifest, rename, retention) and the in-memory tier's copy and peer replica run on a
+    background thread over a process group of their own. A new save first waits for the previous one, so two
+    never overlap. Only a committed checkpoint is reported (`poll`) and ever loaded.
+    """
+
+    def __init__(self, root: Path, keep: int, rank: int, world_size: int, *, async_save: bool = False,
+                 memory: "MemoryTier | None" = None, attempt: int = 0, log: Callable[[str], None] = print):
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+        self.async_save, self.memory, self.attempt, self.log = async_save, memory, attempt, log
+        self._pending: Pending | None = None
+        self._reported: list[Pending] = []
+        self._seq = 0
+        self._distrust_after: int | None = None
+        nonce = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if dist.is_initialized():
+            dist.broadcast(nonce, 0)  # one name per save on every rank, never reused by another run
+        self._nonce = f"{int(nonce.item()):016x}"
+        self.group = dist.new_group(backend="gloo") if (async_save or memory) and dist.is_initialized() else None
+        if memory is not None:
+            memory.group = self.group
+        cuda = torch.cuda.is_available()
+        # pinned host memory under CUDA (a faster device-to-host copy); blocking copies, so the snapshot is whole
+        self._stager = DefaultStager(StagingOptions(cuda, False, False, False)) if async_save or memory else None
 
     def _state(self, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
         return {
@@ -138,32 +178,120 @@ class Checkpointer:
         }
 
     def save(self, step: int, model: torch.nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any]) -> float:
-        """Collective. Returns the seconds the training loop was blocked."""
+        """Collective. Returns the seconds the training loop was blocked (waiting for the previous save, staging)."""
         t0 = time.perf_counter()
-        final = step_dir(self.root, step)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that died
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        self.wait()
+        self._seq += 1
+        # a name of this attempt and save: a dead attempt's leftovers can never collide with (or be deleted
+        # under) a live save, and are swept by retention
+        save_id = f"{self._nonce}-a{self.attempt}s{self._seq}"
+        tmp = self.root / f"step-{step:08d}.{save_id}.tmp"
         state = self._state(model, optim)
         state["trainer"] = extra  # replicated: identical on every rank
         state[f"rng.rank{self.rank}"] = torch.get_rng_state()
-        dcp.save(state, checkpoint_id=str(tmp))
-        dist.barrier()  # every shard and .metadata are on disk
+        if not self.async_save:
+            dcp.save(state, checkpoint_id=str(tmp))
+            dist.barrier()  # every shard and .metadata are on disk
+            p = Pending(step, tmp, 0.0, save_id)
+            if self.memory is not None:
+                p.memory_bytes = self.memory.put(step, save_id, to_local(self._stager.stage(state)))
+            if self.rank == 0:
+                self._commit(p)
+            dist.barrier()
+            p.blocked_s = time.perf_counter() - t0
+            p.done.set()
+            self._reported.append(p)
+            return p.blocked_s
+        staged = self._stager.stage(state)
+        fut = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self.group, async_stager=_NoCopy())
+        p = Pending(step, tmp, time.perf_counter() - t0, save_id)
+        threading.Thread(target=self._finish, args=(p, fut, staged), name=f"ckpt-{step}", daemon=True).start()
+        self._pending = p
+        return p.blocked_s
+
+    def _finish(self, p: Pending, fut: Any, staged: dict[str, Any]) -> None:
+        try:
+            fut.result()  # on rank 0 this includes every rank's write results and the .metadata
+            if self.memory is not None:
+                p.memory_bytes = self.memory.put(p.step, p.save_id, to_local(staged))
+            if self.rank == 0:
+                self._commit(p)
+        except BaseException as e:  # noqa: BLE001 - reported to the training loop by poll()/wait()
+            p.error = e
+        finally:
+            p.done.set()
+
+    def _commit(self, p: Pending) -> None:
+        if self._distrust_after is not None and p.step > self._distrust_after:
+            raise CheckpointError(f"not committing step {p.step}: taken after the last clean SDC check")
+        write_manifest(p.tmp, p.step, self.world_size, p.save_id)
+        final = step_dir(self.root, p.step)
+        if final.exists():  # a re-save of the same step after a rollback
+            shutil.rmtree(final)
+        os.replace(p.tmp, final)
+        _fsync_dir(self.root)
+        p.committed = True
+        self._retain()
+
+    def poll(self) -> list[Pending]:
+        """Saves finished since the last call (committed ones on rank 0). Raises if a background save failed."""
+        p = self._pending
+        if p is not None and p.done.is_set():
+            self._pending = None
+            if p.error is not None:
+                raise CheckpointError(f"checkpoint save of step {p.step} failed: {type(p.error).__name__}: {p.error}")
+            self._reported.append(p)
+        out, self._reported = self._reported, []
+        return out
+
+    def wait(self, timeout_s: float | None = None) -> list[Pending]:
+        """Block until the save in flight (if any) is written and committed (or `timeout_s`); then as `poll`."""
+        if self._pending is not None:
+            self._pending.done.wait(timeout_s)
+        return self.poll()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None and not self._pending.done.is_set()
+
+    def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+
+    def distrust_after(self, step: int, reason: str) -> list[Path]:
+        """Silent data corruption: no checkpoint of a later step may be loaded. Rank 0 sets the committed ones
+        aside (renamed `*.suspect`, kept for forensics) and a save in flight is not committed."""
+        self._distrust_after = step
+        if self._pending is not None:  # its commit either lands before we look, or is refused
+            self._pending.done.wait()
+            if self.rank == 0 and not self._pending.committed:
+                self.log(f"checkpoint of step {self._pending.step} (in flight) not committed: {reason}")
+        moved = []
         if self.rank == 0:
-            write_manifest(tmp, step, self.world_size)
-            if final.exists():  # a re-save of the same step after a rollback
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._retain()
-        dist.barrier()
-        return time.perf_counter() - t0
+            for p in committed(self.root):
+                if int(p.name.split("-")[1]) > step:
+                    dst = p.with_name(p.name + ".suspect")
+                    shutil.rmtree(dst, ignore_errors=True)
+                    os.replace(p, dst)
+                    (dst / "SUSPECT").write_text(reason + "\n")
+                    moved.append(dst)
+                    self.log(f"checkpoint {p.name} set aside as {dst.name}: {reason}")
+        return moved
 
     def _retain(self) -> None:
+        keep = committed(self.root)[: self.keep]
         for old in committed(self.root)[self.keep :]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not (old / PIN).exists():  # an operator's pin outlives retention
+                shutil.rmtree(old, ignore_errors=True)
+        # leftovers of saves that died (other attempts' temporary directories) older than what is kept
+        newest = int(keep[0].name.split("-")[1]) if keep else 0
+        for p in self.root.iterdir():
+            m = _TMP.match(p.name)
+            if m and int(m.group(1)) <= newest and p != self._pending_tmp():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _pending_tmp(self) -> Path | None:
+        return self._pending.tmp if self._pending is not None else None
 
     def load(self, info: CheckpointInfo, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective. Restores model and optimizer in place; returns the trainer state saved with them."""
@@ -174,11 +302,62 @@ class Checkpointer:
         if has_rng:
             state[rng_key] = torch.get_rng_state()
         dcp.load(state, checkpoint_id=str(info.path))
+        return self._apply(state, model, optim, rng_key if has_rng else None)
+
+    def _apply(self, state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Optimizer,
+               rng_key: str | None) -> dict[str, Any]:
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optim, state["optim"])
-        if has_rng:
+        if rng_key is not None:
             torch.set_rng_state(state[rng_key])
         return state["trainer"]
+
+    def restore(self, info: CheckpointInfo, model: torch.nn.Module, optim: torch.optim.Optimizer
+                ) -> tuple[dict[str, Any], str]:
+        """Collective. From the memory tier when every rank's shard of this step is in some host's RAM (same
+        world size), else from disk. Returns (trainer state, "memory" | "disk")."""
+        if self.memory is not None and info.world_size == self.world_size:
+            local = self.memory.restore(info.step, info.save_id)
+            if local is not None:
+                template = self._state(model, optim)
+                rng_key = f"rng.rank{self.rank}"
+                template["trainer"], template[rng_key] = local["trainer"], local[rng_key]
+                try:
+                    state = copy_into(template, local)
+                    ok = 1
+                except (ValueError, KeyError, TypeError) as e:
+                    self.log(f"memory tier: snapshot of step {info.step} does not fit this model ({e})")
+                    ok = 0
+                flag = torch.tensor([ok])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if flag.item():
+                    return self._apply(state, model, optim, rng_key), "memory"
+        return self.load(info, model, optim), "disk"
+
+
+class _NoCopy(AsyncStager):
+    """The state handed to async_save is already staged by our own stager (which the memory tier reads too)."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def pin(path: Path, note: str = "") -> None:
+    """Keep a committed checkpoint beyond retention (an operator's choice: a known-good state, a release)."""
+    verify(path)
+    (Path(path) / PIN).write_text(note + "\n")
+
+
+def unpin(path: Path) -> None:
+    (Path(path) / PIN).unlink(missing_ok=True)
 
 
 def request_now(control_dir: Path, rank: int, then_exit: bool = False) -> Path:

@@ -18,7 +18,7 @@ class InjectedFault(RuntimeError):
     """Raised by an injected software fault; looks to diagnosis like any other exception in user code."""
 
 
-FAULTS = ("exception", "exit", "hang", "sigkill")
+FAULTS = ("exception", "exit", "hang", "sigkill", "bitflip")
 
 
 def request(control_dir: Path, rank: int, fault: str, message: str = "", at_step: int = 0,
@@ -36,10 +36,11 @@ def request(control_dir: Path, rank: int, fault: str, message: str = "", at_step
     return path
 
 
-def check(control_dir: Path | None, rank: int, step: int) -> None:
-    """Called at the start of each step by the trainer; acts on a pending request for this rank."""
+def check(control_dir: Path | None, rank: int, step: int) -> str | None:
+    """Called at the start of each step by the trainer; acts on a pending request for this rank. Returns the
+    faults the trainer carries out itself ("bitflip": corrupt a parameter shard after this step's update)."""
     if control_dir is None:
-        return
+        return None
     path = Path(control_dir) / f"inject-rank{rank}.json"
     try:
         body = json.loads(path.read_text())
@@ -48,7 +49,7 @@ def check(control_dir: Path | None, rank: int, step: int) -> None:
         if not body.get("sticky"):
             path.unlink()
     except (FileNotFoundError, ValueError):
-        return
+        return None
     fault, message = body.get("fault"), body.get("message") or "injected fault"
     if fault == "exception":
         raise InjectedFault(message)
@@ -56,6 +57,9 @@ def check(control_dir: Path | None, rank: int, step: int) -> None:
         os._exit(3)
     if fault == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "bitflip":
+        return "bitflip"
     if fault == "hang":
         while True:  # a rank stuck outside any collective: its peers time out
             time.sleep(1)
+    return None

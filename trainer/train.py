@@ -33,8 +33,10 @@ from torch.distributed.fsdp import fully_shard
 from herdsman import HerdsmanError
 from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
 from herdsman.events import TrainerPhase
-from trainer import faults, flight_recorder
-from trainer.checkpoint import Checkpointer, CheckpointError, latest_valid, now_requested
+from trainer import faults, flight_recorder, interval
+from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid, now_requested
+from trainer.memory_tier import MemoryTier
+from trainer.sdc import ParamGuard, PeerCorruption, SilentDataCorruption, flip_bit
 from trainer.data import IGNORE, VOCAB_SIZE, PackedLoader
 from trainer.model import Transformer, model_args
 from trainer.stats import StatsWriter
@@ -143,26 +145,41 @@ def train(config: HerdsmanConfig) -> int:
     backend = dist.get_backend()
     watcher = flight_recorder.DumpOnRequest(control_dir, fr_dir, env.rank, env.attempt, backend).start()
     step = 0
+    ckpt: Checkpointer | None = None
     try:
         t0 = time.time()
         model = build_model(cfg, env.device)
         optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
         loader = PackedLoader(cfg.seed, cfg.seq_len, cfg.batch_size, env.rank, env.world_size)
-        ckpt = Checkpointer(config.checkpoint_dir, cfg.keep_checkpoints, env.rank, env.world_size)
-        info = latest_valid(config.checkpoint_dir, warn=lambda m: _log(env, m))
+        log = lambda m: _log(env, m)  # noqa: E731
+        memory = None
+        if cfg.memory_tier:
+            memory = MemoryTier(memory_dir(config, env.host), env.rank, env.world_size, cfg.ranks_per_host, None, log)
+        ckpt = Checkpointer(config.checkpoint_dir, cfg.keep_checkpoints, env.rank, env.world_size,
+                            async_save=cfg.checkpoint_async, memory=memory, attempt=env.attempt, log=log)
+        info = latest_valid(config.checkpoint_dir, warn=log)
+        if info is None and committed(config.checkpoint_dir):
+            raise CheckpointError(f"none of the {len(committed(config.checkpoint_dir))} checkpoint(s) in "
+                                  f"{config.checkpoint_dir} is usable (see above); refusing to train from scratch")
         if info is None and os.environ.get("HERDSMAN_RESUME") == "required":
             raise CheckpointError(f"no usable checkpoint in {config.checkpoint_dir}; refusing to train from scratch")
+        source = "fresh start"
         if info is not None:
-            state = ckpt.load(info, model, optim)
+            state, tier = ckpt.restore(info, model, optim)
             step = int(state["step"])
             loader.load_state_dict(state["loader"])
-        stats.event(TrainerPhase.RESTORED, step=step, duration_s=time.time() - t0,
-                    message=str(info.path) if info else "fresh start")
-        _log(env, f"attempt {env.attempt}: {'resumed from ' + str(info.path) if info else 'fresh start'} at step {step}")
+            source = f"{info.path} ({tier})"
+        stats.event(TrainerPhase.RESTORED, step=step, duration_s=time.time() - t0, message=source)
+        _log(env, f"attempt {env.attempt}: {'resumed from ' + source if info else 'fresh start'} at step {step}")
+        if env.rank == 0:
+            _log(env, interval.suggestion(config.checkpoint_dir, env.world_size, env.attempt, cfg.checkpoint_every,
+                                          cfg.checkpoint_interval_s))
 
+        guard = ParamGuard(env.rank, env.world_size, cfg.sdc_check_every)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
+        last_save = time.monotonic()
         while step < cfg.steps:
-            faults.check(control_dir, env.rank, step + 1)
+            injected = faults.check(control_dir, env.rank, step + 1)
             t0 = time.perf_counter()
             step += 1
             for g in optim.param_groups:
@@ -173,24 +190,43 @@ def train(config: HerdsmanConfig) -> int:
                 logits = model(tokens, doc_ids)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
             loss.backward()
+            actual = guard.before_update(step, model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             optim.zero_grad(set_to_none=True)
-            # the loss and the "checkpoint now" / "then exit" votes share one all-reduce: every rank learns all
+            expected = guard.after_update(step, model.parameters())
+            if injected == "bitflip":  # after the update and its checksum: memory corrupted at rest
+                _log(env, f"fault injection: {flip_bit(model.parameters())} at step {step}")
+            # one all-reduce carries the loss, the "checkpoint now" / "then exit" votes and the SDC checksums
             save_now, then_exit = now_requested(control_dir, env.rank)
-            votes = torch.tensor([float(save_now), float(then_exit)], device=env.device)
-            reduced = torch.cat([loss.detach().float().reshape(1), votes])
+            if env.rank == 0 and cfg.checkpoint_interval_s and time.monotonic() - last_save >= cfg.checkpoint_interval_s:
+                save_now = True
+            head = torch.tensor([loss.item(), float(save_now), float(then_exit)], dtype=torch.float64)
+            reduced = torch.cat([head, expected, actual]).to(env.device)
             if cfg.step_delay_s:  # stand-in GPU work; a simulated GPU's lowered clock stretches it, as it would
                 time.sleep(cfg.step_delay_s * sim_clocks.slowdown())
             compute_s = time.perf_counter() - t0  # before waiting for the slowest rank in the all-reduce
             dist.all_reduce(reduced)
-            stats.step(step, time.perf_counter() - t0, tokens.numel(), reduced[0].item() / env.world_size, compute_s)
+            reduced = reduced.cpu()
+            bad = guard.judge(step, reduced[3:])
+            if bad:
+                _sdc_stop(env, ckpt, guard, bad, step)
+            step_s = time.perf_counter() - t0
+            stats.step(step, step_s, tokens.numel(), reduced[0].item() / env.world_size, compute_s)
+            _report_commits(env, ckpt.poll(), stats, config, step_s)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or reduced[1].item() > 0:
-                blocked = ckpt.save(step, model, optim, {"step": step, "loader": loader.state_dict()})
-                stats.event(TrainerPhase.CHECKPOINT, step=step, duration_s=blocked)
+                ckpt.save(step, model, optim, {"step": step, "loader": loader.state_dict()})
+                last_save = time.monotonic()
+                if step == cfg.steps or reduced[2].item() > 0:
+                    _report_commits(env, ckpt.wait(), stats, config, step_s)  # the last save must land
             if reduced[2].item() > 0:  # drained: the work is in the checkpoint just taken
                 _log(env, f"stopping after the requested checkpoint at step {step}")
                 break
+        _report_commits(env, ckpt.wait(), stats, config, None)
+        ckpt.close()
+        if memory is not None and step >= cfg.steps:  # finished (not drained): nothing will restore from RAM
+            dist.barrier()
+            memory.clear()
         stats.event(TrainerPhase.FINISHED, step=step, message="" if step >= cfg.steps else "drained")
         watcher.stop()
         dist.destroy_process_group()
@@ -201,7 +237,50 @@ def train(config: HerdsmanConfig) -> int:
         flight_recorder.dump(fr_dir, env.rank, env.attempt, backend)
         _log(env, f"failed at step {step}: {type(e).__name__}: {e}")
         print(tb, file=sys.stderr, flush=True)
+        if ckpt is not None and ckpt.in_flight:
+            # let the save in flight land: its peers are still alive unless they are what failed (then their
+            # sockets close and it fails at once), and a committed save is work not lost
+            try:
+                _report_commits(env, ckpt.wait(timeout_s=min(10.0, cfg.collective_timeout_s)), stats, config, None)
+            except CheckpointError as err:
+                _log(env, f"the checkpoint in flight was not committed: {err}")
+            if ckpt.in_flight:  # still stuck: its thread would hold the interpreter's exit until its timeout
+                sys.stdout.flush()
+                os._exit(1)
         return 1
+
+
+def _report_commits(env: DistEnv, done: list, stats: StatsWriter, config: HerdsmanConfig,
+                    step_s: float | None) -> None:
+    """Rank 0 reports each committed checkpoint (the controller counts only those) and keeps the running save
+    cost for the Young/Daly suggestion."""
+    for p in done:
+        if env.rank == 0 and p.committed:
+            stats.event(TrainerPhase.CHECKPOINT, step=p.step, duration_s=p.blocked_s,
+                        message=f"memory tier {p.memory_bytes} B/rank" if p.memory_bytes else "")
+            figures = {"save_blocked_s": p.blocked_s}
+            if step_s:
+                figures["step_s"] = step_s
+            interval.record(config.checkpoint_dir, **figures)
+
+
+def _sdc_stop(env: DistEnv, ckpt: Checkpointer, guard: ParamGuard, bad: list[int], step: int) -> None:
+    """Every rank learns the verdict from the same all-reduce: no checkpoint after the last clean check may be
+    loaded; the corrupted rank names itself (the controller evicts its host), the others stop without blame."""
+    clean = guard.verified_through
+    ckpt.distrust_after(clean, f"parameters of rank(s) {bad} changed outside the optimizer, found at step {step}; "
+                               f"last clean check covered step {clean}")
+    if env.rank in bad:
+        raise SilentDataCorruption(f"parameter checksum mismatch on rank {env.rank} ({env.host}) at step {step}: "
+                                   f"its parameters changed outside the optimizer; rolling back to step <= {clean}")
+    raise PeerCorruption(f"stopping at step {step}: rank(s) {bad} failed their parameter check; rolling back to "
+                         f"a checkpoint of step <= {clean}")
+
+
+def memory_dir(config: HerdsmanConfig, host: str) -> Path:
+    template = config.trainer.memory_dir or ("/dev/shm/herdsman/{job}/{host}" if Path("/dev/shm").is_dir()
+                                             else "{run_dir}/memory/{host}")
+    return Path(template.format(job=config.job, host=host, run_dir=config.run_dir))
 
 
 def _env_path(name: str) -> Path | None:
