@@ -226,8 +226,8 @@ class Checkpointer:
             raise CheckpointError(f"not committing step {p.step}: taken after the last clean SDC check")
         write_manifest(p.tmp, p.step, self.world_size, p.save_id)
         final = step_dir(self.root, p.step)
-        if final.exists():  # a re-save of the same step after a rollback
-            shutil.rmtree(final)
+        if final.exists():  # a re-save of the same step after a restart: the old one leaves by a rename
+            _discard(final, p.save_id)
         os.replace(p.tmp, final)
         _fsync_dir(self.root)
         p.committed = True
@@ -282,7 +282,7 @@ class Checkpointer:
         keep = committed(self.root)[: self.keep]
         for old in committed(self.root)[self.keep :]:
             if not (old / PIN).exists():  # an operator's pin outlives retention
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old, "retired")
         # leftovers of saves that died (other attempts' temporary directories) older than what is kept
         newest = int(keep[0].name.split("-")[1]) if keep else 0
         for p in self.root.iterdir():
@@ -333,6 +333,14 @@ class Checkpointer:
                 if flag.item():
                     return self._apply(state, model, optim, rng_key), "memory"
         return self.load(info, model, optim), "disk"
+
+
+def _discard(path: Path, tag: str) -> None:
+    """Delete a committed checkpoint without ever leaving a half-deleted one under a committed name (a kill in
+    the middle of rmtree would): rename it out of the committed namespace first, atomically."""
+    gone = path.with_name(f"{path.name}.{tag}.tmp")
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 class _NoCopy(AsyncStager):
