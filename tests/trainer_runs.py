@@ -20,7 +20,8 @@ def free_port() -> int:
 
 def write_config(path: Path, run_dir: Path, **trainer: object) -> Path:
     trainer.setdefault("memory_dir", "{run_dir}/memory/{host}")  # not the machine's shared /dev/shm
-    lines = [f'run_dir = "{run_dir}"', 'job = "t"', "[trainer]"] + [f"{k} = {v!r}" for k, v in trainer.items()]
+    lines = [f'run_dir = "{run_dir}"', 'job = "t"', "[trainer]"] + [
+        f"{k} = {json.dumps(v) if isinstance(v, bool) else repr(v)}" for k, v in trainer.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -210,6 +210,10 @@ class Checkpointer:
         return p.blocked_s
 
     def _finish(self, p: Pending, fut: Any, staged: dict[str, Any]) -> None:
+        try:  # the copy to the memory tier, the CRCs and the commit yield the CPU to the training thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
         try:
             fut.result()  # on rank 0 this includes every rank's write results and the .metadata
             if self.memory is not None:

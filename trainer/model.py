@@ -41,6 +41,8 @@ SIZES: dict[str, ModelArgs] = {
     "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
     "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248),
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260, ffn_dim=192, max_seq_len=512),
+    # big enough that a checkpoint takes measurable time on a CPU (bench/checkpoint.py): ~19M parameters
+    "small": ModelArgs(dim=512, n_layers=6, n_heads=8, n_kv_heads=2, vocab_size=260, ffn_dim=1536, max_seq_len=512),
 }
 
 

@@ -165,10 +165,11 @@ def train(config: HerdsmanConfig) -> int:
             raise CheckpointError(f"no usable checkpoint in {config.checkpoint_dir}; refusing to train from scratch")
         source = "fresh start"
         if info is not None:
+            t_restore = time.perf_counter()
             state, tier = ckpt.restore(info, model, optim)
             step = int(state["step"])
             loader.load_state_dict(state["loader"])
-            source = f"{info.path} ({tier})"
+            source = f"{info.path} ({tier}, {time.perf_counter() - t_restore:.3f} s)"
         stats.event(TrainerPhase.RESTORED, step=step, duration_s=time.time() - t0, message=source)
         _log(env, f"attempt {env.attempt}: {'resumed from ' + source if info else 'fresh start'} at step {step}")
         if env.rank == 0:
