@@ -224,6 +224,30 @@ def checkpoint_verify(path: str) -> None:
         raise HerdsmanError(f"{bad} of {len(targets)} checkpoint(s) failed verification")
 
 
+@checkpoint.command("pin")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--note", default="", help="Why it is kept (written into the pin).")
+def checkpoint_pin(path: str, note: str) -> None:
+    """Keep a committed checkpoint beyond retention (it must verify first)."""
+    from trainer.checkpoint import CheckpointError, pin
+
+    try:
+        pin(Path(path), note)
+    except CheckpointError as e:
+        raise HerdsmanError(str(e)) from None
+    click.echo(f"pinned {path}")
+
+
+@checkpoint.command("unpin")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def checkpoint_unpin(path: str) -> None:
+    """Let retention delete a pinned checkpoint again."""
+    from trainer.checkpoint import unpin
+
+    unpin(Path(path))
+    click.echo(f"unpinned {path}")
+
+
 @main.group()
 def dashboards() -> None:
     """Grafana dashboards (also provisioned from files by docker-compose)."""

@@ -54,10 +54,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "llama3": {},
     # Herdsman's measured figures (bench/mttr.py: detection 0.96 s, restart 0.05 s, restore 1.07 s for 3 ranks),
     # scaled to 16K GPUs: rendezvous and NCCL init grow with the job (assumed 60 s at 2,048 hosts); hangs caught by
-    # the 120 s hang timeout plus the flight-recorder dump. Two figures are targets of the checkpoint work, not
-    # measurements yet: an async save that blocks only for the device-to-host snapshot (2 s for 405B over 16K
-    # GPUs), so checkpoints every 5 min are cheap, and a restore from a peer's memory copy (20 s); SDC found by
-    # a cross-rank checksum every checkpoint interval.
+    # the 120 s hang timeout plus the flight-recorder dump. Two figures are assumed at scale: the async save
+    # (built: it blocks only for the device-to-host snapshot, 0.12x a synchronous DCP save on a CPU box; 2 s assumed
+    # for 405B over 16K GPUs), so checkpoints every 5 min are cheap, and a restore from a peer's memory copy (built;
+    # 20 s assumed); SDC found by the parameter checksums (built, every step) and caught up within 5 min.
     "herdsman": {
         "checkpoint_interval_s": 300.0, "checkpoint_stall_s": 2.0, "detect_hardware_s": 5.0,
         "detect_software_s": 5.0, "detect_hang_s": 130.0, "detect_sdc_s": 300.0, "detect_thermal_s": 600.0,

@@ -191,3 +191,20 @@ def test_young_daly_and_the_suggestion_printed_at_start(tmp_path):
     second = launch(cfg, 1, 1, tmp_path / "stats")
     line = next(ln for ln in second[0].stdout.splitlines() if "Young/Daly suggests" in ln)
     assert "observed: 1 failure(s)" in line and "steps)" in line
+
+
+def test_cli_pins_only_a_checkpoint_that_verifies(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=2, checkpoint_every=1)
+    assert [r.returncode for r in launch(cfg, 1, 0, tmp_path / "stats")] == [0]
+    root = tmp_path / "run" / "checkpoints" / "t"
+    r = CliRunner().invoke(main, ["checkpoint", "pin", str(root / "step-00000002"), "--note", "release 1"])
+    assert r.exit_code == 0 and (root / "step-00000002" / PIN).read_text().strip() == "release 1"
+    (root / "step-00000001" / "herdsman.json").unlink()
+    r = CliRunner().invoke(main, ["checkpoint", "pin", str(root / "step-00000001")])
+    assert r.exit_code == 2 and "never committed" in r.output
+    assert CliRunner().invoke(main, ["checkpoint", "unpin", str(root / "step-00000002")]).exit_code == 0
+    assert not (root / "step-00000002" / PIN).exists()
