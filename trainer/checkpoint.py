@@ -160,11 +160,13 @@ class Checkpointer:
         self._reported: list[Pending] = []
         self._seq = 0
         self._distrust_after: int | None = None
+        # a CPU (gloo) group for everything off the training path: async writes, the memory tier, small
+        # agreements; under NCCL the default group cannot carry CPU tensors
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         nonce = torch.randint(0, 2**62, (1,), dtype=torch.int64)
         if dist.is_initialized():
-            dist.broadcast(nonce, 0)  # one name per save on every rank, never reused by another run
+            dist.broadcast(nonce, 0, group=self.group)  # one name per save on every rank, never reused
         self._nonce = f"{int(nonce.item()):016x}"
-        self.group = dist.new_group(backend="gloo") if (async_save or memory) and dist.is_initialized() else None
         if memory is not None:
             memory.group = self.group
         cuda = torch.cuda.is_available()
@@ -333,7 +335,7 @@ class Checkpointer:
                     self.log(f"memory tier: snapshot of step {info.step} does not fit this model ({e})")
                     ok = 0
                 flag = torch.tensor([ok])
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
                 if flag.item():
                     return self._apply(state, model, optim, rng_key), "memory"
         return self.load(info, model, optim), "disk"

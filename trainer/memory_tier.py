@@ -134,7 +134,7 @@ class MemoryTier:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def restore(self, step: int, save_id: str) -> Any | None:
-        """Collective over the default group. This rank's local state for `step`, from its own host's memory or
+        """Collective over `group` (gloo). This rank's local state for `step`, from its own host's memory or
         sent by the peer host that holds a replica; None on every rank unless every rank can be served."""
         W = self.world
         held = torch.zeros(W, dtype=torch.int64)
@@ -144,7 +144,7 @@ class MemoryTier:
             except (OSError, ValueError, KeyError, TypeError):
                 held[r] = 0
         table = [torch.zeros(W, dtype=torch.int64) for _ in range(W)]
-        dist.all_gather(table, held)
+        dist.all_gather(table, held, group=self.group)
         inventory = torch.stack(table)  # [holder, shard]
         source = []
         for r in range(W):
@@ -164,16 +164,17 @@ class MemoryTier:
                 sends.append((r, payload))
         size_reqs = []
         for r, payload in sends:
-            size_reqs.append(dist.isend(torch.tensor([len(payload)], dtype=torch.int64), r))
+            size_reqs.append(dist.isend(torch.tensor([len(payload)], dtype=torch.int64), r, group=self.group))
         size_in = torch.zeros(1, dtype=torch.int64)
         if source[self.rank] != self.rank:
-            size_reqs.append(dist.irecv(size_in, source[self.rank]))
+            size_reqs.append(dist.irecv(size_in, source[self.rank], group=self.group))
         for q in size_reqs:
             q.wait()
-        data_reqs = [dist.isend(torch.frombuffer(bytearray(p), dtype=torch.uint8), r) for r, p in sends if p]
+        data_reqs = [dist.isend(torch.frombuffer(bytearray(p), dtype=torch.uint8), r, group=self.group)
+                     for r, p in sends if p]
         if source[self.rank] != self.rank and size_in.item() > 0:
             data_in = torch.empty(int(size_in.item()), dtype=torch.uint8)
-            data_reqs.append(dist.irecv(data_in, source[self.rank]))
+            data_reqs.append(dist.irecv(data_in, source[self.rank], group=self.group))
             for q in data_reqs:
                 q.wait()
             mine = data_in.numpy().tobytes()
@@ -187,5 +188,5 @@ class MemoryTier:
             except Exception as e:  # noqa: BLE001 - any unreadable shard means: use the disk
                 self.log(f"memory tier: shard of rank {self.rank} at step {step} unreadable ({e}); using disk")
         ok = torch.tensor([int(state is not None)], dtype=torch.int64)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks from memory, or all from disk
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)  # all ranks from memory, or all from disk
         return state if ok.item() else None
