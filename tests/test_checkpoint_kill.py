@@ -43,7 +43,9 @@ def test_fifty_kills_during_saves_never_resume_from_a_partial_checkpoint(tmp_pat
     for attempt in range(TRIALS):
         procs = start(cfg, 2, attempt, stats, hosts=["h0", "h1"])
         deadline = time.time() + 60
-        while len(_steps(stats, attempt)[0]) < 2:  # training, and saving, in this attempt
+        # training, and saving, in this attempt (the first one also waits for its first commit: before it there
+        # is nothing to resume from by design)
+        while len(_steps(stats, attempt)[0]) < 2 or (attempt == 0 and not _steps(stats, attempt)[1]):
             assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].communicate()[0]
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.4))  # a random moment: staging, writing, committing or training

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -163,7 +164,8 @@ class Checkpointer:
         # a CPU (gloo) group for everything off the training path: async writes, the memory tier, small
         # agreements; under NCCL the default group cannot carry CPU tensors
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        nonce = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        # from the OS, not torch's generator: seeded identically in every run, and training's RNG stays untouched
+        nonce = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
         if dist.is_initialized():
             dist.broadcast(nonce, 0, group=self.group)  # one name per save on every rank, never reused
         self._nonce = f"{int(nonce.item()):016x}"
@@ -285,8 +287,9 @@ class Checkpointer:
         return moved
 
     def _retain(self) -> None:
-        keep = committed(self.root)[: self.keep]
-        for old in committed(self.root)[self.keep :]:
+        found = committed(self.root)
+        keep = found[: self.keep]
+        for old in found[self.keep :]:
             if not (old / PIN).exists():  # an operator's pin outlives retention
                 _discard(old, "retired")
         # leftovers of saves that died (other attempts' temporary directories) older than what is kept

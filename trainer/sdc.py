@@ -31,14 +31,15 @@ class PeerCorruption(HerdsmanError):
     """Raised on the other ranks: they stop so the job can roll back, but their hosts are not to blame."""
 
 
-def shard_checksum(params: Iterable[torch.Tensor]) -> int:
-    total = 0
+def shard_checksum(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-d int64 tensor on the parameters' device: no host sync (the step's all-reduce carries it)."""
+    sums = []
     for p in params:
         t = (p.to_local() if isinstance(p, DTensor) else p).detach().contiguous().view(-1)
         raw = t.view(torch.uint8)
         words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-        total += int(words.sum(dtype=torch.int64).item())
-    return total % _MOD
+        sums.append(words.sum(dtype=torch.int64))  # int64 wraps mod 2**64, a multiple of 2**52
+    return torch.stack(sums).sum() % _MOD
 
 
 class ParamGuard:
@@ -54,18 +55,18 @@ class ParamGuard:
     def width(self) -> int:
         return 2 * self.world if self.every else 0
 
-    def before_update(self, step: int, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    def before_update(self, step: int, params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The `actual` slots for this step (zeros unless this step is checked)."""
-        out = torch.zeros(self.world, dtype=torch.float64)
-        if self._checks(step):
-            out[self.rank] = float(shard_checksum(params))
-        return out
+        return self._slots(self._checks(step), params, device)
 
-    def after_update(self, step: int, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    def after_update(self, step: int, params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The `expected` slots: recorded after the update that precedes a checked step."""
-        out = torch.zeros(self.world, dtype=torch.float64)
-        if self._checks(step + 1):
-            out[self.rank] = float(shard_checksum(params))
+        return self._slots(self._checks(step + 1), params, device)
+
+    def _slots(self, check: bool, params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+        out = torch.zeros(self.world, dtype=torch.float64, device=device)
+        if check:
+            out[self.rank] = shard_checksum(params).to(device, torch.float64)
         return out
 
     def _checks(self, step: int) -> bool:

@@ -191,19 +191,19 @@ def train(config: HerdsmanConfig) -> int:
                 logits = model(tokens, doc_ids)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
             loss.backward()
-            actual = guard.before_update(step, model.parameters())
+            actual = guard.before_update(step, model.parameters(), env.device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             optim.zero_grad(set_to_none=True)
-            expected = guard.after_update(step, model.parameters())
+            expected = guard.after_update(step, model.parameters(), env.device)
             if injected == "bitflip":  # after the update and its checksum: memory corrupted at rest
                 _log(env, f"fault injection: {flip_bit(model.parameters())} at step {step}")
             # one all-reduce carries the loss, the "checkpoint now" / "then exit" votes and the SDC checksums
             save_now, then_exit = now_requested(control_dir, env.rank)
             if env.rank == 0 and cfg.checkpoint_interval_s and time.monotonic() - last_save >= cfg.checkpoint_interval_s:
                 save_now = True
-            head = torch.tensor([loss.item(), float(save_now), float(then_exit)], dtype=torch.float64)
-            reduced = torch.cat([head, expected, actual]).to(env.device)
+            votes = torch.tensor([float(save_now), float(then_exit)], dtype=torch.float64, device=env.device)
+            reduced = torch.cat([loss.detach().double().reshape(1), votes, expected, actual])
             if cfg.step_delay_s:  # stand-in GPU work; a simulated GPU's lowered clock stretches it, as it would
                 time.sleep(cfg.step_delay_s * sim_clocks.slowdown())
             compute_s = time.perf_counter() - t0  # before waiting for the slowest rank in the all-reduce
