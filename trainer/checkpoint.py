@@ -142,6 +142,7 @@ class Pending:
         self.error: BaseException | None = None
         self.committed = False
         self.memory_bytes = 0
+        self.thread: threading.Thread | None = None
 
 
 class Checkpointer:
@@ -209,7 +210,8 @@ class Checkpointer:
         staged = self._stager.stage(state)
         fut = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self.group, async_stager=_NoCopy())
         p = Pending(step, tmp, time.perf_counter() - t0, save_id)
-        threading.Thread(target=self._finish, args=(p, fut, staged), name=f"ckpt-{step}", daemon=True).start()
+        p.thread = threading.Thread(target=self._finish, args=(p, fut, staged), name=f"ckpt-{step}", daemon=True)
+        p.thread.start()
         self._pending = p
         return p.blocked_s
 
@@ -246,6 +248,8 @@ class Checkpointer:
         p = self._pending
         if p is not None and p.done.is_set():
             self._pending = None
+            if p.thread is not None:
+                p.thread.join()  # it has nothing left to do but return
             if p.error is not None:
                 raise CheckpointError(f"checkpoint save of step {p.step} failed: {type(p.error).__name__}: {p.error}")
             self._reported.append(p)
