@@ -1,76 +1,47 @@
-"""Host health: the kernel log (rules as data, agents/host_rules.toml), NIC and InfiniBand links and counters,
-and disk space on the checkpoint path.
+"""Host health: the kernel log (through the shared rule engine, evidence/), NIC and InfiniBand links and
+counters, and disk space on the checkpoint path.
 
 Every source is read through a path (kernel log file or /dev/kmsg, a sysfs root, disk paths) so tests point it at
 fixture trees. A missing source (no InfiniBand, an unreadable kernel log) is skipped, never an error; a malformed
 line or counter file is ignored, never a crash. Links and disks are *conditions* (on until they clear, evidence
-on each change); kernel-log matches are *events*.
+on each change); kernel-log records are *events*.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import stat
 import time
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from evidence.engine import evidence_of
+from evidence.records import Grouper, records
+from evidence.rules import RuleSet
+from evidence.rules import default as default_rules
+from evidence.rules import load as load_ruleset
 from herdsman.events import Evidence, EvidenceKind, Severity
 from herdsman.taxonomy import RootCause
-from herdsman.xid import lookup as xid_lookup
 
-DEFAULT_RULES = Path(__file__).with_name("host_rules.toml")
 IB_COUNTERS = ("link_downed", "link_error_recovery", "symbol_error", "port_rcv_errors", "port_xmit_discards",
                "excessive_buffer_overrun_errors", "local_link_integrity_errors")
 NIC_COUNTERS = ("rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
+READ_CHUNK = 4 << 20  # bytes of kernel log read per cycle
 
 
-@dataclass(frozen=True)
-class LogRule:
-    reason: str
-    pattern: re.Pattern[str]
-    cause: str  # a RootCause value, "xid" (from the catalogue) or "" (context only)
-    severity: str  # info | warning | critical | xid
+def load_rules(path: Path | str | None = None) -> RuleSet:
+    """The rule set the agent matches its kernel log with (the shared one unless a file is given)."""
+    return load_ruleset(path) if path else default_rules()
 
 
-def load_rules(path: Path = DEFAULT_RULES) -> list[LogRule]:
-    from herdsman.config import ConfigError
-
-    try:
-        data = tomllib.loads(Path(path).read_text())
-        rules = [LogRule(r["reason"], re.compile(r["pattern"]), r.get("cause", ""), r.get("severity", "warning"))
-                 for r in data.get("kernel", [])]
-    except (OSError, tomllib.TOMLDecodeError, KeyError, re.error) as e:
-        raise ConfigError(f"host rules {path}: {type(e).__name__}: {e}") from None
-    for r in rules:
-        if r.cause not in ("", "xid") and r.cause not in {c.value for c in RootCause}:
-            raise ConfigError(f"host rules {path}: rule {r.reason} names unknown cause {r.cause!r}")
-        if r.severity not in ("info", "warning", "critical", "xid"):
-            raise ConfigError(f"host rules {path}: rule {r.reason} has unknown severity {r.severity!r}")
-    return rules
-
-
-def match_line(rules: list[LogRule], host: str, line: str, when: float) -> Evidence | None:
-    """The evidence one kernel-log line raises under the first matching rule, or None."""
-    for r in rules:
-        m = r.pattern.search(line)
-        if not m:
-            continue
-        groups = {k: v for k, v in m.groupdict().items() if v is not None}
-        text = line.strip()[:500]
-        if r.cause == "xid" and "code" in groups:
-            code = int(groups["code"])
-            x = xid_lookup(code)
-            sev = Severity.CRITICAL if x and x.fatal else Severity.WARNING
-            return Evidence(host, EvidenceKind.GPU_XID, when, f"Xid {code}: {x.meaning if x else 'unlisted Xid'}"
-                            f" (kernel log: {text})", sev, code=code,
-                            attrs={"reason": r.reason, "source": "kernel", **groups})
-        return Evidence(host, EvidenceKind.HOST_LOG, when, f"{r.reason}: {text}", Severity(r.severity),
-                        attrs={"reason": r.reason, "cause": r.cause, "source": "kernel", **groups})
+def match_line(rules: RuleSet, host: str, line: str, when: float) -> Evidence | None:
+    """The first piece of evidence one kernel-log line raises, or None."""
+    for rec in records([line], host):
+        evs = evidence_of(rec, rules, when, source="kernel")
+        if evs:
+            return evs[0]
     return None
 
 
@@ -97,12 +68,14 @@ class KernelLog:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                data = f.read(4 << 20)
+                data = f.read(READ_CHUNK)
         except OSError:
             self.available = False
             return []
         self.available = True
         end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) == READ_CHUNK:  # one line longer than a whole chunk: look at its head, move on
+            end = len(data)
         self.offset += end
         return data[:end].decode("utf-8", errors="replace").splitlines()
 
@@ -184,7 +157,7 @@ class HostMonitor:
                  disk_paths: tuple[str, ...] = (), rules_path: str = "", min_free_ratio: float = 0.05,
                  log_from_start: bool = False):
         self.host = host
-        self.rules = load_rules(Path(rules_path) if rules_path else DEFAULT_RULES)
+        self.rules = load_rules(rules_path or None)
         self.log = KernelLog(kernel_log, from_start=log_from_start) if kernel_log else None
         self.sys = Path(sys_root)
         self.disk_paths, self.min_free_ratio = disk_paths, min_free_ratio
@@ -196,9 +169,11 @@ class HostMonitor:
         now = time.time()
         out: list[Evidence] = []
         if self.log is not None:
-            for line in self.log.read_new():
-                ev = match_line(self.rules, self.host, line, now)
-                if ev is not None:
+            grouper = Grouper(self.host)
+            lines = self.log.read_new()
+            recs = [r for line in lines for r in grouper.feed(line)] + list(grouper.close())
+            for rec in recs:
+                for ev in evidence_of(rec, self.rules, now, source="kernel"):
                     out.append(self._mark_checkpoint_disk(ev))
             self.snapshot.kernel_log_available = self.log.available
         conditions: dict[str, tuple[str, str, Severity]] = {}  # name -> (message, cause, severity)
@@ -212,7 +187,6 @@ class HostMonitor:
         """An I/O error on the disk that holds the checkpoints says so: it threatens every restart."""
         dev = ev.attrs.get("device") or ev.attrs.get("dev2")
         if dev and any(_same_disk(dev, c) for c in self.checkpoint_devices):
-            from dataclasses import replace
             return replace(ev, message=ev.message + " [checkpoint file system]",
                            attrs={**ev.attrs, "checkpoint_disk": True})
         return ev

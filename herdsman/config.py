@@ -58,7 +58,7 @@ class AgentConfig:
     sys_root: str = "/sys"
     """Where NIC (class/net) and InfiniBand (class/infiniband) state is read."""
     host_rules: str = ""
-    """Kernel-log rules file; empty means the packaged agents/host_rules.toml."""
+    """Rules file (the format of evidence/rules.toml); empty means the packaged rules."""
     min_disk_free_ratio: float = 0.05
     """Below this free share of the checkpoint file system the host reports DiskPressure."""
     straggler_relative: float = 1.10

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,32 @@ class TrainerPhase(str, enum.Enum):
     CHECKPOINT = "checkpoint"  # a checkpoint committed; duration = time the loop was blocked
     FAILED = "failed"  # about to exit with an error; message holds it
     FINISHED = "finished"  # reached the target step
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """A trainer rank that ended (or is stuck) as the worker group or a log saw it."""
+
+    rank: int
+    host: str
+    time: float
+    exit_code: int | None = None  # None while still running (e.g. hardware evidence arrived first)
+    message: str = ""  # exception text or the tail of stderr
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.exit_code is not None and self.exit_code < 0:
+            try:
+                return signal.Signals(-self.exit_code).name
+            except ValueError:
+                return f"signal {-self.exit_code}"
+        return None
+
+    def line(self) -> str:
+        how = self.signal_name or (f"exit code {self.exit_code}" if self.exit_code is not None else "running")
+        # a killed process said nothing about why: its last log line would mislead
+        last = self.message.strip().splitlines()[-1] if self.message.strip() and not self.signal_name else ""
+        return f"[{self.host} rank{self.rank}] trainer {how}" + (f": {last[:300]}" if last else "")
 
 
 @dataclass(frozen=True)
@@ -190,6 +217,8 @@ class Verdict:
     evidence: tuple[str, ...] = ()
     action: Action = Action.RESTART
     reason: str = ""
+    # the causes that lost, most likely first ("cause (strength): evidence line"): what else was on the table
+    alternatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence <= 1.0:
@@ -276,6 +305,7 @@ def verdict_from_dict(d: dict[str, Any]) -> Verdict:
         evidence=tuple(d.get("evidence", ())),
         action=Action(d.get("action", Action.RESTART.value)),
         reason=d.get("reason", ""),
+        alternatives=tuple(d.get("alternatives", ())),
     )
 
 

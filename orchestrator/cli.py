@@ -140,30 +140,53 @@ def show_config(config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 @click.option("--host", default="unknown-host", show_default=True,
               help="Host to attribute lines to when they carry no host prefix.")
-def diagnose(files: tuple[str, ...], as_json: bool, host: str) -> None:
+@click.option("--eval", "corpus", multiple=True, type=click.Path(),
+              help="Score diagnosis on a labelled JSONL corpus (repeatable) instead of diagnosing FILES.")
+@click.option("--split", type=click.Choice(["dev", "holdout", "all"]), default="all", show_default=True,
+              help="With --eval: which split of the corpus to score.")
+@click.option("--min-top1", type=float, default=None,
+              help="With --eval: exit with status 1 when top-1 accuracy is below this fraction.")
+def diagnose(files: tuple[str, ...], as_json: bool, host: str, corpus: tuple[str, ...], split: str,
+             min_top1: float | None) -> None:
     """Diagnose an interruption from evidence text: kernel logs, PyTorch/NCCL stderr, torchrun summaries,
-    nvidia-smi output, scheduler logs (files, or standard input). Prints the Verdict."""
+    nvidia-smi output, mcelog, ipmitool, cloud notices, scheduler logs (files, or standard input).
+    Prints the Verdict; with --eval, scores a labelled corpus instead."""
     import json
 
-    from orchestrator.diagnose import Failure
-    from orchestrator.diagnose import diagnose as decide
-    from orchestrator.logparse import parse
+    if corpus:
+        from orchestrator.diagnose_eval import evaluate, load_corpus, render
 
-    lines: list[str] = []
-    if not files or files == ("-",):
-        lines = sys.stdin.read().splitlines()
-    for f in files:
-        if f == "-":
-            continue
-        try:
-            lines += Path(f).read_text(errors="replace").splitlines()
-        except OSError as e:
-            raise HerdsmanError(f"cannot read {f}: {e.strerror or e}") from None
-    parsed = parse(lines, host)
+        score = evaluate(load_corpus(corpus), split)
+        if as_json:
+            click.echo(json.dumps({"split": split, **score.to_json()}))
+        else:
+            click.echo(render(score, f"{', '.join(corpus)} [{split}]"))
+        if min_top1 is not None and score.accuracy < min_top1:
+            click.echo(f"herdsman: error: top-1 {score.accuracy:.1%} is below {min_top1:.1%}", err=True)
+            sys.exit(1)
+        return
+
+    from evidence.engine import iter_lines
+    from orchestrator.diagnose_eval import Failure, decide, parse
+
+    def lines():
+        if not files or files == ("-",):
+            yield from iter_lines(sys.stdin.buffer)
+        for f in files:
+            if f == "-":
+                continue
+            try:
+                with open(f, "rb") as fh:
+                    yield from iter_lines(fh)
+            except OSError as e:
+                raise HerdsmanError(f"cannot read {f}: {e.strerror or e}") from None
+
+    parsed = parse(lines(), host)
     v = decide(Failure(0.0, tuple(parsed.failures), tuple(parsed.hosts)), parsed.evidence)
     if as_json:
         click.echo(json.dumps({"category": v.cause.value, "confidence": v.confidence, "hosts": list(v.hosts),
-                               "ranks": list(v.ranks), "evidence": list(v.evidence)}))
+                               "ranks": list(v.ranks), "evidence": list(v.evidence), "reason": v.reason,
+                               "alternatives": list(v.alternatives)}))
         return
     f = v.cause.facts
     click.echo(f"{v.cause.value} ({f.component}, {f.category}) confidence {v.confidence:.2f}")
@@ -172,6 +195,8 @@ def diagnose(files: tuple[str, ...], as_json: bool, host: str) -> None:
     click.echo(f"  why: {v.reason}")
     for line in v.evidence:
         click.echo(f"  evidence: {line}")
+    for line in v.alternatives:
+        click.echo(f"  also considered: {line}")
 
 
 @main.command("flight-recorder")
