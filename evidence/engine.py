@@ -23,6 +23,7 @@ from herdsman.xid import XID_DOC, lookup_or_default, unit_cause
 MAX_EVIDENCE_PER_RULE_HOST = 20  # a log that repeats one message a million times is one finding, counted
 _TORCHRUN_FIELD = re2.compile(r"(?m)^\s*(host|rank|exitcode|traceback|error_file)\s*:\s*(.*)$")
 _SIGNAL = re2.compile(r"Signal (\d{1,3}) \((SIG\w+)\)")
+_ELASTIC_FAILED = re2.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
 _EXC_ONLY = re2.compile(r"^(?:[A-Za-z_][\w.]{0,200}\.)?[A-Z]\w{0,100}(?:Error|Exception)(?:\[\w+\])?: \S")
 
 
@@ -130,6 +131,9 @@ def failure_of(rec: Record, default_host: str) -> RankFailure | None:
     if rec.kind == "traceback":
         return RankFailure(rec.rank if rec.rank is not None else -1, rec.host, rec.order, 1, rec.text)
     first = rec.lines[0].strip()
+    m = _ELASTIC_FAILED.search(first)
+    if m:  # torch elastic's one-line report of a worker that died: "failed (exitcode: -9) local_rank: 0 (pid: ..)"
+        return RankFailure(int(m.group(2)), rec.host, rec.order, int(m.group(1)), "")
     if _EXC_ONLY.match(first):  # an exception printed without its traceback
         return RankFailure(rec.rank if rec.rank is not None else -1, rec.host, rec.order, 1, rec.text)
     if len(rec.lines) > 2 and "exitcode" in rec.text:
