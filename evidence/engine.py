@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import re
+
 import re2
 
 from evidence import mce
-from evidence.records import Record, records
+from evidence.records import MAX_LINE, Grouper, Record, records
 from evidence.rules import RuleSet, Strength, default
 from herdsman.events import Evidence, EvidenceKind, RankFailure, Severity
 from herdsman.taxonomy import RootCause
@@ -23,8 +25,8 @@ from herdsman.xid import XID_DOC, lookup_or_default, unit_cause
 MAX_EVIDENCE_PER_RULE_HOST = 20  # a log that repeats one message a million times is one finding, counted
 _TORCHRUN_FIELD = re2.compile(r"(?m)^\s*(host|rank|exitcode|traceback|error_file)\s*:\s*(.*)$")
 _SIGNAL = re2.compile(r"Signal (\d{1,3}) \((SIG\w+)\)")
-_ELASTIC_FAILED = re2.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
-_EXC_ONLY = re2.compile(r"^(?:[A-Za-z_][\w.]{0,200}\.)?[A-Z]\w{0,100}(?:Error|Exception)(?:\[\w+\])?: \S")
+_ELASTIC_FAILED = re.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
+_EXC_ONLY = re.compile(r"^(?:[A-Za-z_][\w.]{0,200}\.)?[A-Z]\w{0,100}(?:Error|Exception)(?:\[\w+\])?: \S")
 
 
 def _int(text: str | None, digits: int = 9) -> int | None:
@@ -131,7 +133,7 @@ def failure_of(rec: Record, default_host: str) -> RankFailure | None:
     if rec.kind == "traceback":
         return RankFailure(rec.rank if rec.rank is not None else -1, rec.host, rec.order, 1, rec.text)
     first = rec.lines[0].strip()
-    m = _ELASTIC_FAILED.search(first)
+    m = _ELASTIC_FAILED.search(first) if "exitcode" in first else None
     if m:  # torch elastic's one-line report of a worker that died: "failed (exitcode: -9) local_rank: 0 (pid: ..)"
         return RankFailure(int(m.group(2)), rec.host, rec.order, int(m.group(1)), "")
     if _EXC_ONLY.match(first):  # an exception printed without its traceback
@@ -141,19 +143,27 @@ def failure_of(rec: Record, default_host: str) -> RankFailure | None:
     return None
 
 
+BLOCK, SUB_BLOCK = 64, 8  # lines looked at together by the pre-filter
+
+
 def scan(lines: Iterable[str], default_host: str = "unknown-host", rules: RuleSet | None = None,
-         source: str = "log") -> Scan:
+         source: str = "log", prefilter: bool = True) -> Scan:
+    """Records -> evidence and failed ranks. Blocks of lines in which no rule matches anywhere (one RE2 pass over
+    the block, then over smaller blocks of a block that matched) are not grouped line by line: most of a large log
+    is such noise. A block is skipped only while no multi-line record (traceback, section, JSON, mcelog block) is
+    open, and single-line records still open are closed first, so no record spans a skipped block; the last lines
+    of a skipped block are fed after all when the lines after them match, so a record's first lines are not lost."""
     rules = rules or default()
     out = Scan()
-    for rec in records(lines, default_host):
+    g = Grouper(default_host)
+
+    def take(rec: Record) -> None:
         out.records += 1
         f = failure_of(rec, default_host)
         if f is not None:
             out.failures.append(f)
             out.hosts[f.host] = None
-            continue
-        if rec.host:
-            out.hosts[rec.host] = None
+            return
         for ev in evidence_of(rec, rules, source=source):
             key = (ev.attrs["reason"], ev.host)
             n = out.counts.get(key, 0) + 1
@@ -161,6 +171,50 @@ def scan(lines: Iterable[str], default_host: str = "unknown-host", rules: RuleSe
             if n <= MAX_EVIDENCE_PER_RULE_HOST:
                 out.evidence.append(ev)
                 out.hosts[ev.host] = None
+
+    block: list[str] = []
+    skipped: list[str] = []  # the last lines skipped, fed after all if the lines after them match (context)
+    skipped_at = 0.0
+
+    def run(lines_: list[str]) -> None:
+        nonlocal skipped_at
+        if skipped:
+            g.order = skipped_at
+            for line in skipped:
+                for rec in g.feed(line):
+                    take(rec)
+            skipped.clear()
+        for line in lines_:
+            for rec in g.feed(line):
+                take(rec)
+
+    def skip(lines_: list[str]) -> None:
+        nonlocal skipped_at
+        for rec in g.close():
+            take(rec)
+        skipped[:] = lines_[-SUB_BLOCK:]
+        skipped_at = g.order + len(lines_) - len(skipped)
+        g.order += len(lines_)
+
+    def feed(lines_: list[str], sub: int) -> None:
+        if not prefilter:
+            run(lines_)
+        elif lines_ and not g.in_block() and not rules.any("\n".join(skipped + lines_)):  # nothing for any rule
+            skip(lines_)
+        elif sub and len(lines_) > sub:  # something matched: look closer, a few lines at a time
+            for i in range(0, len(lines_), sub):
+                feed(lines_[i:i + sub], 0)
+        else:
+            run(lines_)
+
+    for line in lines:
+        block.append(line[:MAX_LINE])
+        if len(block) >= BLOCK:
+            feed(block, SUB_BLOCK)
+            block.clear()
+    feed(block, SUB_BLOCK)
+    for rec in g.close():
+        take(rec)
     out.failures.sort(key=lambda r: r.time)
     return out
 

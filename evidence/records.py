@@ -5,9 +5,11 @@ whether or not a traceback surrounds it.
 
 Each line is first attributed to a host and rank from its prefixes (syslog and journald "Nov 23 12:00:01 node-7
 kernel: ...", ISO timestamps, dmesg "[ 12.345]", torchrun "[rank3]:", pdsh "node-7: "), then grouped with the open
-record of the same host and rank. Every pattern here is RE2 (linear time), lines are cut at MAX_LINE characters and
-records at MAX_RECORD_LINES lines / MAX_RECORD_CHARS characters, so hostile input costs time in proportion to
-its size and memory bounded by those limits.
+record of the same host and rank. The prefix patterns here are anchored and every repetition in them is bounded
+(no `*` or `+`), so each match does a bounded amount of work whatever the line (Python's `re` is used for them
+because it is cheaper per call than RE2's wrapper; tests run them on adversarial lines). Lines are cut at MAX_LINE
+characters and records at MAX_RECORD_LINES lines / MAX_RECORD_CHARS characters, so hostile input costs time in
+proportion to its size and memory bounded by those limits.
 """
 
 from __future__ import annotations
@@ -15,31 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import re2
+import re
 
 MAX_LINE = 16 << 10  # characters of one line that are looked at (the rest is cut)
 MAX_RECORD_LINES = 400
 MAX_RECORD_CHARS = 64 << 10
 MAX_OPEN = 256  # records open at once (one per host and rank)
 
-_OPTS = re2.Options()
-_OPTS.max_mem = 64 << 20
 
 
-def _re(p: str) -> "re2._Regexp":
-    return re2.compile(p, options=_OPTS)
+def _re(p: str) -> re.Pattern[str]:
+    return re.compile(p)
 
 
 # syslog / journald / ISO-timestamped lines: "<6>Nov 23 12:00:01 node-7 kernel: ..."; "2024-05-01T10:00:00.123+00:00
 # node-7 kernel: ..."; the host must look like a host name (a journald "-- Logs begin" line is not one)
 _SYSLOG = _re(r"^(?:<\d{1,3}>)?(?:[A-Z][a-z]{2} {1,2}\d{1,2} \d\d:\d\d:\d\d(?:\.\d{1,9})?|\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d"
-              r"(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) +(?P<host>[A-Za-z0-9][\w.-]{0,62}) +"
-              r"(?:kernel: *|[\w./@-]{1,64}(?:\[\d{1,10}\])?: *)?")
-_HOST_RANK = _re(r"^(?P<host>[A-Za-z0-9][\w.-]{0,62}): +\[(?:rank|default)(?P<rank>\d{1,7})\]: ?")
+              r"(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) {1,8}(?P<host>[A-Za-z0-9][\w.-]{0,62}) {1,8}"
+              r"(?:kernel: {0,8}|[\w./@-]{1,64}(?:\[\d{1,10}\])?: {0,8})?")
+_HOST_RANK = _re(r"^(?P<host>[A-Za-z0-9][\w.-]{0,62}): {1,8}\[(?:rank|default)(?P<rank>\d{1,7})\]: ?")
 _RANK = _re(r"^\[(?:rank|default)(?P<rank>\d{1,7})\]: ?")
 # pdsh/clush "node-61: text": a lower-case name with a digit, so "RuntimeError: ..." is never a host
 _PDSH = _re(r"^(?P<host>[a-z][a-z0-9-]{0,62}\d(?:\.[a-z0-9-]{1,63}){0,6}): ")
-_DMESG_TS = _re(r"^\[ *\d{1,10}\.\d{1,9}\] ?")
+_DMESG_TS = _re(r"^\[ {0,12}\d{1,10}\.\d{1,9}\] ?")
 # the device a kernel line is about: "pcieport 0000:00:01.0:", "EDAC sbridge MC0:", "mce:", "{1}[Hardware Error]:"
 _KSOURCE = _re(r"^(?P<src>[\w-]{1,32} [0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]:|EDAC [\w ]{0,24}?MC\d{1,3}:|"
                r"mce: \[Hardware Error\]:|\{\d{1,6}\}\[Hardware Error\]:|\[Hardware Error\]:|mlx5_core [\w:.]{1,32}:)")
@@ -146,8 +146,7 @@ class Grouper:
         if rec is None:
             return
         if len(self.open) >= MAX_OPEN:  # many interleaved hosts/ranks: flush the oldest rather than grow
-            oldest = min(self.open, key=lambda k: self.open[k].order)
-            yield self.open.pop(oldest)
+            yield self.open.pop(next(iter(self.open)))  # dicts keep insertion order: the first is the oldest
         self.open[key] = rec  # even a plain line: indented lines may follow (nvidia-smi -q, ibstat, torchrun)
 
     def _start(self, host: str, rank: int | None, text: str, stripped: str) -> Record | None:
@@ -183,6 +182,10 @@ class Grouper:
         if k == "kernel":
             return indented or stripped.startswith(cur.source)
         return indented  # a line, or a section: indented lines belong to it
+
+    def in_block(self) -> bool:
+        """Whether a multi-line record is being read (its next lines must not be skipped)."""
+        return any(r.kind in ("traceback", "json", "mcelog", "nvrm") or len(r.lines) > 1 for r in self.open.values())
 
     def close(self) -> Iterator[Record]:
         recs = sorted(self.open.values(), key=lambda r: r.order)

@@ -38,7 +38,7 @@ def test_each_category_is_classified_with_its_evidence(cause):
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.strip().splitlines()  # exactly one JSON object
     v = json.loads(line)
-    assert set(v) == {"category", "confidence", "hosts", "ranks", "evidence"}
+    assert set(v) == {"category", "confidence", "hosts", "ranks", "evidence", "reason", "alternatives"}
     assert v["category"] == cause, v
     assert 0 <= v["confidence"] <= 1 and v["evidence"]
     if BLAMED[cause] is not None:
