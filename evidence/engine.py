@@ -23,6 +23,7 @@ from herdsman.taxonomy import RootCause
 from herdsman.xid import XID_DOC, lookup_or_default, unit_cause
 
 MAX_EVIDENCE_PER_RULE_HOST = 20  # a log that repeats one message a million times is one finding, counted
+MAX_FAILURES = 1000  # failed ranks kept from one log (the earliest: diagnosis starts from the first)
 _TORCHRUN_FIELD = re2.compile(r"(?m)^\s*(host|rank|exitcode|traceback|error_file)\s*:\s*(.*)$")
 _SIGNAL = re2.compile(r"Signal (\d{1,3}) \((SIG\w+)\)")
 _ELASTIC_FAILED = re.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
@@ -161,8 +162,9 @@ def scan(lines: Iterable[str], default_host: str = "unknown-host", rules: RuleSe
         out.records += 1
         f = failure_of(rec, default_host)
         if f is not None:
-            out.failures.append(f)
-            out.hosts[f.host] = None
+            if len(out.failures) < MAX_FAILURES:
+                out.failures.append(f)
+                out.hosts[f.host] = None
             return
         for ev in evidence_of(rec, rules, source=source):
             key = (ev.attrs["reason"], ev.host)
