@@ -263,4 +263,4 @@ def _with_alternatives(v: Verdict, cands: list[_Cand]) -> Verdict:
         if c.cause != v.cause and c.cause not in seen:
             seen[c.cause] = f"{c.cause.value} ({c.strength.value}): {c.line()[:200]}"
     from dataclasses import replace
-    return replace(v, alternatives=tuple(seen.values())[:5])
+    return replace(v, confidence=round(v.confidence, 3), alternatives=tuple(seen.values())[:5])
