@@ -2,8 +2,8 @@
 
 Herdsman (controller on a local 4-host Ray cluster, ranks on 3 hosts) against `torchrun --max-restarts` on the
 same tiny model, world size, checkpoint interval and machine, in the same run. Our trainer builds its process
-group on a per-attempt PrefixStore, the fix torchrun + gloo needs to restart at all (see FACTS.md); without it
-torchrun's restarts fail to reconnect.
+group on a per-attempt PrefixStore, the fix torchrun + gloo needs to restart at all: without it
+restarted gloo workers reuse stale peer addresses and fail with `Gloo connectFullMesh failed`.
 
     python -m bench.mttr [--reps 5] [--out bench/results/mttr.json]
 """

@@ -18,14 +18,13 @@ import re2
 from evidence import mce
 from evidence.records import MAX_LINE, Grouper, Record, records
 from evidence.rules import RuleSet, Strength, default
-from herdsman.events import Evidence, EvidenceKind, RankFailure, Severity
+from herdsman.events import Evidence, RankFailure, Severity
 from herdsman.taxonomy import RootCause
 from herdsman.xid import XID_DOC, lookup_or_default, unit_cause
 
 MAX_EVIDENCE_PER_RULE_HOST = 20  # a log that repeats one message a million times is one finding, counted
 MAX_FAILURES = 1000  # failed ranks kept from one log (the earliest: diagnosis starts from the first)
 _TORCHRUN_FIELD = re2.compile(r"(?m)^\s*(host|rank|exitcode|traceback|error_file)\s*:\s*(.*)$")
-_SIGNAL = re2.compile(r"Signal (\d{1,3}) \((SIG\w+)\)")
 _ELASTIC_FAILED = re.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
 _EXC_ONLY = re.compile(r"^(?:[A-Za-z_][\w.]{0,200}\.)?[A-Z]\w{0,100}(?:Error|Exception)(?:\[\w+\])?: \S")
 
@@ -95,11 +94,8 @@ def evidence_of(rec: Record, rules: RuleSet | None = None, when: float | None = 
         if peer_symptom and cause == RootCause.SOFTWARE_BUG.value and strength != Strength.PEER:
             strength = Strength.PEER  # the exception a rank raised because a peer went away
         attrs["cause"], attrs["strength"] = cause, strength.value
-        kind = r.kind
-        if code is not None:
-            kind = EvidenceKind.GPU_XID
         rank = rec.rank if rec.rank is None or rec.rank >= 0 else None
-        out.append(Evidence(host, kind, t, message, severity, code=code, rank=rank, attrs=attrs))
+        out.append(Evidence(host, r.kind, t, message, severity, code=code, rank=rank, attrs=attrs))
     return out
 
 

@@ -143,13 +143,11 @@ class Grouper:
         if cur is not None:
             yield self.open.pop(key)
         rec = self._start(host, rank, text, stripped)
-        if rec is None:
-            return
         if len(self.open) >= MAX_OPEN:  # many interleaved hosts/ranks: flush the oldest rather than grow
             yield self.open.pop(next(iter(self.open)))  # dicts keep insertion order: the first is the oldest
         self.open[key] = rec  # even a plain line: indented lines may follow (nvidia-smi -q, ibstat, torchrun)
 
-    def _start(self, host: str, rank: int | None, text: str, stripped: str) -> Record | None:
+    def _start(self, host: str, rank: int | None, text: str, stripped: str) -> Record:
         rec = Record(host, rank, "line", order=self.order)
         rec.add(text)
         if stripped.startswith("Traceback (most recent call last)"):

@@ -58,7 +58,6 @@ class Rule:
 
 _OPTS = re2.Options()
 _OPTS.max_mem = 256 << 20
-_OPTS.never_capture = False
 _OPTS.log_errors = False  # a bad pattern is reported as a ConfigError, not on stderr
 
 

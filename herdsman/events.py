@@ -225,12 +225,12 @@ class Verdict:
             raise ValueError(f"confidence must be within [0, 1], got {self.confidence}")
 
 
-# Where a job's wall-clock time goes (DESIGN.md, "Effective training time"); ETTR = productive / wall.
+# Where a job's wall-clock time goes (README, "How it fits together"); ETTR = productive / wall.
 TIME_SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
 
 @dataclass(frozen=True)
 class Interruption:
-    """One interruption of a job with its time split (see DESIGN.md, "Effective training time").
+    """One interruption of a job with its time split (README, "How it fits together").
 
     failed_at: first sign of the failure (earliest fault evidence or rank exit);
     detected_at: the controller decided the verdict;

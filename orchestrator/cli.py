@@ -167,7 +167,7 @@ def diagnose(files: tuple[str, ...], as_json: bool, host: str, corpus: tuple[str
         return
 
     from evidence.engine import iter_lines
-    from orchestrator.diagnose_eval import Failure, decide, parse
+    from orchestrator.diagnose_eval import verdict_of_lines
 
     def lines():
         if not files or files == ("-",):
@@ -181,8 +181,7 @@ def diagnose(files: tuple[str, ...], as_json: bool, host: str, corpus: tuple[str
             except OSError as e:
                 raise HerdsmanError(f"cannot read {f}: {e.strerror or e}") from None
 
-    parsed = parse(lines(), host)
-    v = decide(Failure(0.0, tuple(parsed.failures), tuple(parsed.hosts)), parsed.evidence)
+    v = verdict_of_lines(lines(), host)
     if as_json:
         click.echo(json.dumps({"category": v.cause.value, "confidence": v.confidence, "hosts": list(v.hosts),
                                "ranks": list(v.ranks), "evidence": list(v.evidence), "reason": v.reason,

@@ -16,13 +16,17 @@ from typing import Iterable
 from herdsman import HerdsmanError
 from herdsman.taxonomy import RootCause
 from orchestrator.diagnose import Failure, diagnose
-from orchestrator.diagnose import diagnose as decide
 from orchestrator.logparse import parse
 
 
-def verdict_of_text(text: str, host: str = "unknown-host"):
-    parsed = parse(text.splitlines(), host)
+def verdict_of_lines(lines: Iterable[str], host: str = "unknown-host"):
+    """Exactly what `herdsman diagnose` decides for these lines."""
+    parsed = parse(lines, host)
     return diagnose(Failure(0.0, tuple(parsed.failures), tuple(parsed.hosts)), parsed.evidence)
+
+
+def verdict_of_text(text: str, host: str = "unknown-host"):
+    return verdict_of_lines(text.splitlines(), host)
 
 
 @dataclass

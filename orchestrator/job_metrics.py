@@ -48,7 +48,7 @@ class JobCollector(Collector):
         split = time_split(st.get("wall_s") or 0.0, st.get("productive_s") or 0.0, st.get("checkpoint_s") or 0.0,
                            [(i.get("detection_s") or 0.0, i.get("restart_s"), i.get("restore_s"),
                              i.get("lost_work_s") or 0.0) for i in its])
-        secs = CounterMetricFamily("herdsman_job_time_seconds", "Wall time of the job by where it went (DESIGN.md "
+        secs = CounterMetricFamily("herdsman_job_time_seconds", "Wall time of the job by where it went ("
                                    "split: productive, checkpoint, detection, restart, restore, lost_work, idle).",
                                    labels=["job", "kind"])
         for kind in TIME_SPLIT:

@@ -1,7 +1,7 @@
 """Postmortem numbers: a Table-5-style breakdown of interruptions, ETTR with its split, MTTF and MTTR.
 
 One function computes the numbers (`summarize`), one prints them; the page, the metrics and the simulator use the
-same split (DESIGN.md, "Effective training time").
+same split (README, "How it fits together").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ rates come from Llama 3's Table 5 (counts over 54 days on 16,384 GPUs), scaled t
 strike one host (a few lemon hosts many times more often than the rest), software and collective causes strike the
 job. Each failure becomes a Verdict (the cause is taken as diagnosed correctly) and goes through the controller's own
 `RestartPolicy`, `LemonDetector` and `HostPool`, on a simulated clock: evicted hosts leave for repair and come back,
-spares replace them, a stop pages a human. Time is split exactly as in the real reports (DESIGN.md): productive,
+spares replace them, a stop pages a human. Time is split exactly as in the real reports (README, "How it fits together"): productive,
 checkpoint stalls, detection, restart, restore, lost work, idle.
 
 Failures keep arriving while the job recovers (a restart hit by a failure starts over), so the count of

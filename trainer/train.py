@@ -54,7 +54,7 @@ class DistEnv:
 
 def init_distributed(cfg: TrainerConfig) -> DistEnv:
     """Form the process group. Each attempt gets its own key prefix in the store, so a restarted group never
-    reads a previous attempt's addresses (torchrun + gloo otherwise fails to reconnect; see FACTS.md)."""
+    reads a previous attempt's addresses (torchrun + gloo otherwise fails to reconnect: `Gloo connectFullMesh failed`)."""
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.fr_buffer_size))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
