@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +40,8 @@ from agents.flight_recorder import RankSummary
 from agents.flight_recorder import collect as fr_collect
 from agents.host import HostMonitor
 from agents.metrics import AgentCollector
-from trainer.stats import StatsTailer
+from herdsman import layout
+from herdsman.stats import StatsTailer
 
 log = logging.getLogger("herdsman.agent")
 
@@ -62,17 +63,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def node_dir(run_dir: str | Path, host: str) -> Path:
-    """Where a host's trainer ranks write their reports and logs (node-local on a real cluster)."""
-    return Path(run_dir).resolve() / "nodes" / host
-
-
 class NodeAgent:
     def __init__(self, host: str, config: HerdsmanConfig, sink: Callable[[AgentReport], None] | None = None,
                  probe: GpuProbe | None = None):
         self.host, self.config, self.sink = host, config, sink
-        self.dir = node_dir(config.run_dir, host)
-        self.stats_dir = self.dir / "stats"
+        self.dir = layout.node_dir(config.run_dir, host)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.job = config.job
+        self.stats_dir = layout.stats_dir(config.run_dir, host, self.job)
         self.stats_dir.mkdir(parents=True, exist_ok=True)
         self.probe = probe or make_probe(config.agent.gpu_backend, host, config.agent.gpus_per_host,
                                          on_fatal=self._on_fatal)
@@ -95,9 +93,11 @@ class NodeAgent:
         a = config.agent
         self.drift = DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
         self._stragglers: set[int] = set()
-        self.maintenance_notice = self.dir / "maintenance"  # written by the scheduler's or provider's hook
+        self.maintenance_notice = self.dir / layout.MAINTENANCE_NOTICE  # written by the scheduler's or provider's hook
         self._maintenance_seen = ""
         self._stop = threading.Event()
+        self._silent_until = 0.0
+        self._held: deque[AgentReport] = deque(maxlen=1000)
         self._thread: threading.Thread | None = None
         self._server = None
 
@@ -133,9 +133,9 @@ class NodeAgent:
         """Tell the ranks how much slower each simulated GPU runs (trainer.train.SimulatedClock reads it)."""
         factors = {str(s.index): round(s.max_sm_clock_mhz / s.sm_clock_mhz, 4) for s in samples
                    if s.sm_clock_mhz and s.max_sm_clock_mhz}
-        tmp = self.dir / "sim-clocks.json.tmp"
+        tmp = self.dir / (layout.SIM_CLOCKS + ".tmp")
         tmp.write_text(json.dumps(factors))
-        os.replace(tmp, self.dir / "sim-clocks.json")
+        os.replace(tmp, self.dir / layout.SIM_CLOCKS)
 
     def _derive(self, samples: list[GpuSample]) -> list[Evidence]:
         """Edge-triggered evidence from readings: thermal slowdown starting, ECC counts rising."""
@@ -241,6 +241,17 @@ class NodeAgent:
             if rec.get("kind") == "event" and rec.get("pid") and rec.get("gpu") is not None:
                 self._pids.setdefault(int(rec["gpu"]), set()).add(int(rec["pid"]))
 
+    def follow(self, job: str) -> None:
+        """Read the report streams of `job` from now on (an agent outlives jobs; each job has its own streams)."""
+        with self._lock:
+            if job == self.job:
+                return
+            self.job = job
+            self.stats_dir = layout.stats_dir(self.config.run_dir, self.host, job)
+            self._tailer = StatsTailer(self.stats_dir)
+            self._latest.clear()
+            self._rank_gpu.clear()
+
     # --- what the metrics and the controller read ---------------------------------------------------------
     def latest_steps(self) -> list[StepStats]:
         with self._lock:
@@ -252,7 +263,7 @@ class NodeAgent:
 
     def flight_recorder(self, attempt: int) -> tuple[list[RankSummary], list[str]]:
         """Summaries of this node's flight-recorder dumps for one attempt, loaded safely; refusals as text."""
-        return fr_collect([self.dir / "flight_recorder"], attempt)
+        return fr_collect([layout.flight_recorder_dir(self.config.run_dir, self.host, self.job)], attempt)
 
     def health_check(self) -> list[str]:
         """Problems that keep this host out of service (empty: healthy). Run before returning it to service."""
@@ -288,6 +299,10 @@ class NodeAgent:
             return f"{self.host}: maintenance announced"
         if fault in ("kernel", "nic"):
             return self._inject_host(fault, **args)
+        if fault == "silence":  # the controller hears nothing from this host for a while (a network partition)
+            seconds = float(args.get("seconds", 5.0))
+            self._silent_until = time.time() + seconds
+            return f"{self.host}: reports held back for {seconds:.0f} s"
         if not isinstance(self.probe, SimulatedGpus):
             raise ValueError("faults can only be injected into simulated GPUs")
         return self.probe.inject(gpu, fault, **args)
@@ -332,8 +347,14 @@ class NodeAgent:
         while not self._stop.wait(self.config.agent.interval_s):
             try:
                 report = self.cycle()
-                if self.sink is not None:
-                    self.sink(report)
+                if self.sink is None:
+                    continue
+                if time.time() < self._silent_until:  # an injected partition: held back, sent when it heals
+                    self._held.append(report)
+                    continue
+                while self._held:
+                    self.sink(self._held.popleft())
+                self.sink(report)
             except Exception:  # one bad cycle must not end the agent
                 log.exception("agent cycle failed on %s", self.host)
 

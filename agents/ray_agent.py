@@ -36,7 +36,9 @@ class AgentService:
         except Exception:  # controller gone: look it up again next time
             self._controller = None
 
-    def ready(self) -> str:
+    def ready(self, job: str = "") -> str:
+        if job:
+            self.agent.follow(job)
         return self.agent.metrics_url
 
     def collect_now(self) -> AgentReport:

@@ -22,7 +22,7 @@ from agents.agent import NodeAgent
 from agents.metrics import AgentCollector
 from herdsman.config import load_config
 from herdsman.events import TrainerPhase
-from trainer.stats import StatsWriter
+from herdsman.stats import StatsWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 

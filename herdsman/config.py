@@ -7,12 +7,21 @@
     [store]    where interruptions are recorded
     [simulate] the fleet-scale simulator's job, failure and timing model
 
-Unknown sections or keys and values of the wrong type are errors, reported as one line.
+Unknown sections or keys, values of the wrong type and values out of range are errors, reported as one line that
+names the key (`trainer.seq_len = 1024 is beyond the context of model 'tiny' (512)`). The ranges are declared next
+to each field (`_f(default, gt=0)`); on top of them, every float must be finite, every int must fit in 64 bits (as
+TOML's do), no string may hold a NUL, and every `*_s` duration without a declared range must be >= 0. Checks that
+involve several fields are in the sections' __post_init__. Sections validate themselves when built, so
+dataclasses.replace() and direct construction are checked as well as files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
+import string
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,37 +29,58 @@ from pathlib import Path
 from typing import Any
 
 from herdsman import HerdsmanError
+from herdsman.secrets import redact_url
 
 
 class ConfigError(HerdsmanError):
     pass
 
 
+MODEL_CONTEXT: dict[str, int] = {"8B": 8192, "70B": 8192, "405B": 8192, "tiny": 512, "small": 512}
+"""Named model sizes and the longest sequence each was built for (trainer/model.py SIZES[name].max_seq_len, which
+herdsman/ may not import; tests/test_config.py keeps the two equal)."""
+
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A job name is a path component (checkpoints/<job>) and a label: no '/', no '..', nothing odd."""
+
+MIN_TOKEN_CHARS = 16
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _f(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+       lt: float | None = None, choices: tuple[str, ...] | None = None, secret: str | None = None) -> Any:
+    """A field with its valid range (ge/gt/le/lt), its allowed values (choices) or how it is secret ("token": never
+    shown; "url": shown with the password hidden)."""
+    rules = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "secret": secret}
+    return field(default=default, metadata={k: v for k, v in rules.items() if v is not None})
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str = "local"
     """Ray address of an existing cluster, or "local" to start an embedded multi-node cluster on this machine."""
-    worker_hosts: int = 3
+    worker_hosts: int = _f(3, ge=1)
     """Hosts that run trainer ranks at start."""
-    spare_hosts: int = 1
+    spare_hosts: int = _f(1, ge=0)
     """Healthy idle hosts kept to replace evicted ones."""
-    cpus_per_host: int = 1
+    cpus_per_host: int = _f(1, ge=1)
     """CPUs each embedded Ray node advertises (local cluster only)."""
 
     def __post_init__(self) -> None:
-        _check(self.worker_hosts >= 1, "cluster.worker_hosts must be >= 1")
-        _check(self.spare_hosts >= 0, "cluster.spare_hosts must be >= 0")
+        _validate(self, "cluster")
+        _check(self.address.strip() != "",
+               "cluster.address must not be empty ('local' or the address of a Ray cluster)")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    gpu_backend: str = "simulated"
+    gpu_backend: str = _f("simulated", choices=("simulated", "nvml"))
     """"simulated" (no GPU needed, faults injectable) or "nvml" (real GPUs through pynvml)."""
-    gpus_per_host: int = 2
+    gpus_per_host: int = _f(2, ge=1)
     """GPUs per simulated host (the NVML backend counts the real ones)."""
-    interval_s: float = 0.5
+    interval_s: float = _f(0.5, gt=0)
     """Sampling and heartbeat period."""
-    metrics_port: int = 0
+    metrics_port: int = _f(0, ge=0, le=65535)
     """Port of the agent's Prometheus /metrics endpoint; 0 picks a free one (reported in heartbeats)."""
     metrics_host: str = "127.0.0.1"
     kernel_log: str = "/dev/kmsg"
@@ -59,42 +89,40 @@ class AgentConfig:
     """Where NIC (class/net) and InfiniBand (class/infiniband) state is read."""
     host_rules: str = ""
     """Rules file (the format of evidence/rules.toml); empty means the packaged rules."""
-    min_disk_free_ratio: float = 0.05
+    min_disk_free_ratio: float = _f(0.05, ge=0, lt=1)
     """Below this free share of the checkpoint file system the host reports DiskPressure."""
-    straggler_relative: float = 1.10
+    straggler_relative: float = _f(1.10, gt=1)
     """A rank whose step time is this many times the fastest ranks' is a straggler."""
-    straggler_individual: float = 1.10
+    straggler_individual: float = _f(1.10, gt=1)
     """A rank whose step time is this many times its own usual is a straggler."""
-    drift_window: int = 2000
+    drift_window: int = _f(2000, ge=1)
     """Samples kept per node for stragglers and the throughput-vs-temperature fit."""
 
     def __post_init__(self) -> None:
-        _check(self.gpu_backend in ("simulated", "nvml"), "agent.gpu_backend must be 'simulated' or 'nvml'")
-        _check(self.straggler_relative > 1 and self.straggler_individual > 1,
-               "agent.straggler_relative and agent.straggler_individual must be > 1")
-        _check(self.gpus_per_host >= 1, "agent.gpus_per_host must be >= 1")
-        _check(self.interval_s > 0, "agent.interval_s must be > 0")
+        _validate(self, "agent")
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    model: str = "tiny"
-    """Named size: tiny (laptop), 8B, 70B, 405B (the paper's)."""
-    seq_len: int = 128
-    batch_size: int = 4
+    model: str = _f("tiny", choices=tuple(MODEL_CONTEXT))
+    """Named size: tiny (laptop), small (~19M parameters), 8B, 70B, 405B (the paper's)."""
+    seq_len: int = _f(128, ge=1)
+    """Tokens per sequence; at most the model's context (MODEL_CONTEXT)."""
+    batch_size: int = _f(4, ge=1)
     """Sequences per rank per step."""
-    steps: int = 60
+    steps: int = _f(60, ge=1)
     """Target step: the job is done when it is reached."""
-    lr: float = 3e-3
-    warmup_steps: int = 5
-    seed: int = 1234
-    checkpoint_every: int = 5
+    lr: float = _f(3e-3, gt=0)
+    warmup_steps: int = _f(5, ge=0)
+    seed: int = _f(1234, ge=0)
+    """Seeds torch (which takes at most 64 bits) and the data order."""
+    checkpoint_every: int = _f(5, ge=1)
     """Steps between sharded checkpoints."""
-    keep_checkpoints: int = 3
-    ranks_per_host: int = 1
-    collective_timeout_s: float = 30.0
+    keep_checkpoints: int = _f(3, ge=1)
+    ranks_per_host: int = _f(1, ge=1)
+    collective_timeout_s: float = _f(30.0, gt=0)
     """A collective that does not complete in this time fails the rank (a hang becomes an error)."""
-    fr_buffer_size: int = 2000
+    fr_buffer_size: int = _f(2000, ge=0)
     """Entries in the PyTorch flight recorder ring buffer (TORCH_FR_BUFFER_SIZE)."""
     step_delay_s: float = 0.0
     """Extra sleep per step: stretches a tiny run so faults can land mid-training (demo/tests)."""
@@ -107,67 +135,88 @@ class TrainerConfig:
     memory_dir: str = ""
     """Host-RAM directory of the memory tier ({job}, {host} and {run_dir} are filled in). Default: a tmpfs
     (/dev/shm/herdsman/{job}/{host}) where one exists, else {run_dir}/memory/{host}."""
-    sdc_check_every: int = 1
+    sdc_check_every: int = _f(1, ge=0)
     """Check every this many steps that no rank's parameters changed outside the optimizer (0: off)."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "trainer.steps must be >= 1")
-        _check(self.checkpoint_every >= 1, "trainer.checkpoint_every must be >= 1")
-        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
-        _check(self.ranks_per_host >= 1, "trainer.ranks_per_host must be >= 1")
-        _check(self.checkpoint_interval_s >= 0, "trainer.checkpoint_interval_s must be >= 0")
-        _check(self.sdc_check_every >= 0, "trainer.sdc_check_every must be >= 0")
+        _validate(self, "trainer")
+        context = MODEL_CONTEXT[self.model]
+        _check(self.seq_len <= context,
+               f"trainer.seq_len = {self.seq_len} is beyond the context of model {self.model!r} ({context})")
+        try:  # the trainer fills it in with str.format: plain {job}, {host} and {run_dir} only, no format specs
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(self.memory_dir)
+                      if name is not None]
+        except ValueError:
+            fields = [("", "", None)]
+        _check(all(name in ("job", "host", "run_dir") and not spec and conv is None for name, spec, conv in fields),
+               f"trainer.memory_dir = {_show(self.memory_dir)} may use only the placeholders {{job}}, {{host}} and "
+               "{run_dir} (write {{ and }} for literal braces)")
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    poll_interval_s: float = 0.25
+    poll_interval_s: float = _f(0.25, gt=0)
     """How often the control loop polls the trainer ranks."""
     failure_grace_s: float = 1.0
-    """After the first rank fails, wait this long for evidence from the agents before deciding."""
-    evidence_window_s: float = 60.0
+    """After the first rank fails, wait this long for evidence from the agents before deciding (0: decide at
+    once)."""
+    evidence_window_s: float = _f(60.0, gt=0)
     """Evidence older than this before the failure is not considered."""
-    max_restarts: int = 10
+    max_restarts: int = _f(10, ge=0)
     """Restart budget of one job."""
     restart_backoff_s: float = 0.5
     """First backoff before a restart; doubles for each consecutive failure without progress."""
-    heartbeat_timeout_s: float = 10.0
-    """A host whose agent is silent this long is unreachable."""
-    lemon_window_s: float = 86400.0
+    heartbeat_timeout_s: float = _f(10.0, gt=0)
+    """A host whose agent is silent this long is unreachable (must exceed agent.interval_s)."""
+    lemon_window_s: float = _f(86400.0, gt=0)
     """A host implicated lemon_threshold times within this window is kept out as a lemon."""
-    lemon_threshold: int = 3
+    lemon_threshold: int = _f(3, ge=1)
     drain_timeout_s: float = 120.0
     """How long a drain waits for the fresh checkpoint before taking the host out anyway."""
-    hang_timeout_s: float = 120.0
+    hang_timeout_s: float = _f(120.0, gt=0)
     """No completed step for this long while every rank is alive is a hang: dumps are taken, the group restarted."""
-    startup_timeout_s: float = 120.0
+    startup_timeout_s: float = _f(120.0, gt=0)
     """An attempt whose first step has not completed after this long is hung (start, rendezvous, restore)."""
     dump_wait_s: float = 3.0
     """How long to wait for live ranks to write their flight-recorder dumps after asking."""
-    controller_restarts: int = 3
-    """How often Ray restarts a controller whose process died; the new one carries on from the store."""
+    controller_restarts: int = _f(3, ge=-1)
+    """How often Ray restarts a controller whose process died; the new one carries on from the store (-1: always)."""
     warm_standby: bool = True
     """Keep one pre-imported trainer process per rank ready, so a restart skips the ~2 s torch import."""
 
     def __post_init__(self) -> None:
-        _check(self.poll_interval_s > 0, "controller.poll_interval_s must be > 0")
-        _check(self.max_restarts >= 0, "controller.max_restarts must be >= 0")
+        _validate(self, "controller")
 
 
 @dataclass(frozen=True)
 class ApiConfig:
     host: str = "127.0.0.1"
     """Where the controller serves its HTTP API (and, later, the operator page)."""
-    port: int = 0
+    port: int = _f(0, ge=0, le=65535)
     """0 picks a free port (shown in `herdsman` output and the job status)."""
-    token: str = ""
-    """Operator token for mutating calls; empty generates one into <run_dir>/api_token."""
+    token: str = _f("", secret="token")
+    """Operator token for mutating calls (at least 16 characters); empty generates one into <run_dir>/api_token."""
+    docs: bool = False
+    """Serve the interactive API docs (/docs, /redoc, /openapi.json); off by default, they map the attack surface."""
+
+    def __post_init__(self) -> None:
+        _validate(self, "api")
+        _check(self.token == "" or (len(self.token) >= MIN_TOKEN_CHARS and self.token.isascii()
+                                    and self.token.isprintable() and " " not in self.token),
+               f"api.token must be empty (a random one is generated) or at least {MIN_TOKEN_CHARS} printable ASCII "
+               f"characters without spaces (got {len(self.token)} characters)")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    url: str = ""
+    url: str = _f("", secret="url")
     """SQLAlchemy URL; empty means a SQLite file in the run directory. PostgreSQL: postgresql+psycopg://..."""
+
+    def __post_init__(self) -> None:
+        _validate(self, "store")
+        _check(self.url == "" or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", self.url) is not None,
+               f"store.url = {_show(self.url, 'url')} is not an SQLAlchemy URL (dialect[+driver]://..., e.g. "
+               "sqlite:///path/herdsman.db or postgresql+psycopg://user@host/db)")
 
 
 @dataclass(frozen=True)
@@ -176,20 +225,20 @@ class SimulateConfig:
     practice describe it (16,384 GPUs, 54 days, Table 5 failure rates, checkpoint every 30 min, restart in minutes).
     """
 
-    gpus: int = 16384
-    gpus_per_host: int = 8
-    days: float = 54.0
-    spare_hosts: int = 64
+    gpus: int = _f(16384, ge=1)
+    gpus_per_host: int = _f(8, ge=1)
+    days: float = _f(54.0, gt=0)
+    spare_hosts: int = _f(64, ge=0)
     """Healthy idle hosts that can replace evicted ones."""
-    failure_scale: float = 1.0
+    failure_scale: float = _f(1.0, ge=0)
     """Multiplier on every Table 5 failure rate (2.0 = twice as many failures)."""
-    planned_per_day: float = 47 / 54
+    planned_per_day: float = _f(47 / 54, ge=0)
     """Planned interruptions (firmware, config, dataset updates): checkpoint, drain, restart."""
-    lemon_share: float = 0.02
+    lemon_share: float = _f(0.02, ge=0, lt=1)
     """Share of hosts that fail far more often than the rest."""
-    lemon_factor: float = 15.0
+    lemon_factor: float = _f(15.0, ge=1)
     """A lemon's failure rate over a normal host's (the fleet-wide mean stays at Table 5's rate)."""
-    checkpoint_interval_s: float = 1800.0
+    checkpoint_interval_s: float = _f(1800.0, gt=0)
     checkpoint_stall_s: float = 15.0
     """Training time each checkpoint blocks (synchronous save to remote storage)."""
     detect_hardware_s: float = 60.0
@@ -216,25 +265,16 @@ class SimulateConfig:
     """Time a host spends in (planned or unplanned) maintenance."""
     human_response_s: float = 3600.0
     """A stop that pages a human (dependency break, crash loop, exhausted budget) costs this long."""
-    restart_budget: int = 1000
+    restart_budget: int = _f(1000, ge=0)
     """Automatic restarts before a human must look (reset by each human intervention)."""
-    lemon_window_s: float = 14 * 86400.0
-    lemon_threshold: int = 2
+    lemon_window_s: float = _f(14 * 86400.0, gt=0)
+    lemon_threshold: int = _f(2, ge=1)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.gpus >= self.gpus_per_host >= 1, "simulate.gpus must be >= simulate.gpus_per_host >= 1")
-        _check(self.days > 0, "simulate.days must be > 0")
-        _check(self.spare_hosts >= 0, "simulate.spare_hosts must be >= 0")
-        _check(self.failure_scale >= 0, "simulate.failure_scale must be >= 0")
-        _check(0 <= self.lemon_share < 1 and self.lemon_factor >= 1,
-               "simulate.lemon_share must be in [0, 1) and simulate.lemon_factor >= 1")
-        _check(self.checkpoint_interval_s > 0, "simulate.checkpoint_interval_s must be > 0")
-        _check(self.lemon_threshold >= 1, "simulate.lemon_threshold must be >= 1")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name.endswith("_s"):
-                _check(v >= 0, f"simulate.{f.name} must be >= 0")
+        _validate(self, "simulate")
+        _check(self.gpus >= self.gpus_per_host,
+               f"simulate.gpus = {self.gpus} must be >= simulate.gpus_per_host ({self.gpus_per_host})")
 
 
 @dataclass(frozen=True)
@@ -242,6 +282,8 @@ class HerdsmanConfig:
     run_dir: str = "herdsman-run"
     """Checkpoints, trainer stats, logs and the default database live here."""
     job: str = "llama3-demo"
+    """Job name: letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters (it names
+    the job's checkpoint directory)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -249,6 +291,16 @@ class HerdsmanConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
+        _check(self.run_dir.strip() != "", "run_dir must not be empty")
+        _check(JOB_NAME.fullmatch(self.job) is not None and self.job not in (".", ".."),
+               f"job = {_show(self.job)} is not a valid job name: use 1 to 64 letters, digits, '.', '_' or '-', "
+               "starting with a letter or digit")
+        _check(self.controller.heartbeat_timeout_s > self.agent.interval_s,
+               f"controller.heartbeat_timeout_s = {self.controller.heartbeat_timeout_s!r} must be longer than "
+               f"agent.interval_s ({self.agent.interval_s!r}), the heartbeat period")
 
     @property
     def store_url(self) -> str:
@@ -264,29 +316,105 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _show(value: Any, secret: str | None = None) -> str:
+    """A value as it appears in a one-line error: repr, shortened; secrets hidden."""
+    if secret == "token":
+        return "<hidden>"
+    if secret == "url" and isinstance(value, str):
+        value = redact_url(value)
+        if "@" in value and "://" not in value:  # not a URL: its user:password@ part cannot be told apart
+            return "<hidden>"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-15:]
+
+
+def _type_error(name: str, typ: type, value: Any, secret: str | None = None) -> ConfigError:
+    return ConfigError(f"config key '{name}' must be {typ.__name__}, got {type(value).__name__} "
+                       f"{_show(value, secret)}")
+
+
+def _validate(obj: Any, section: str) -> None:
+    """Types and declared ranges of every field of one section (see the module docstring)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        typ, value, meta = hints[f.name], getattr(obj, f.name), f.metadata
+        if dataclasses.is_dataclass(typ):
+            continue  # validated when it was built
+        key = f"{section}.{f.name}" if section else f.name
+        secret = meta.get("secret")
+        if typ is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _type_error(key, typ, value, secret)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} = {_show(value, secret)} must be a finite number")
+        elif typ is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _type_error(key, typ, value, secret)
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise ConfigError(f"{key} = {_show(value, secret)} does not fit in 64 bits")
+        elif not isinstance(value, typ):
+            raise _type_error(key, typ, value, secret)
+        if typ is str:
+            if "\0" in value:
+                raise ConfigError(f"{key} must not contain a NUL character")
+            choices = meta.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{key} = {_show(value, secret)} must be one of {', '.join(map(repr, choices))}")
+        if typ in (int, float):
+            bounds = {op: meta[op] for op in ("ge", "gt", "le", "lt") if op in meta}
+            if not bounds and f.name.endswith("_s"):
+                bounds = {"ge": 0}
+            if not _within(value, bounds):
+                raise ConfigError(f"{key} = {_show(value, secret)} must be {_describe(bounds)}")
+
+
+def _within(v: float, bounds: dict[str, float]) -> bool:
+    return all({"ge": v >= b, "gt": v > b, "le": v <= b, "lt": v < b}[op] for op, b in bounds.items())
+
+
+def _describe(bounds: dict[str, float]) -> str:
+    lo = [(op, b) for op, b in bounds.items() if op in ("ge", "gt")]
+    hi = [(op, b) for op, b in bounds.items() if op in ("le", "lt")]
+    if lo and hi:
+        (lop, lb), (hop, hb) = lo[0], hi[0]
+        return f"in {'[' if lop == 'ge' else '('}{lb}, {hb}{']' if hop == 'le' else ')'}"
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{words[op]} {b}" for op, b in bounds.items())
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key '{name}' (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"unknown config key {name!r} (known: {', '.join(sorted(fields))})")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{name}' must be a table [{name}]")
+                raise ConfigError(f"config key {name!r} must be a table [{name}]")
             kwargs[key] = _build(typ, value, name)
         elif typ is float and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[key] = float(value)
-        elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"config key '{name}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+            try:
+                kwargs[key] = float(value)
+            except OverflowError:
+                raise ConfigError(f"{name} = {_show(value)} is too large for a float") from None
         else:
-            kwargs[key] = value
+            kwargs[key] = value  # types and ranges: _validate, from the section's __post_init__
     return cls(**kwargs)
 
 
 def from_dict(data: dict[str, Any]) -> HerdsmanConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"the configuration must be a table, got {type(data).__name__}")
     return _build(HerdsmanConfig, data, "")
 
 
@@ -296,11 +424,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            text = p.read_bytes().decode("utf-8-sig")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        except ValueError as e:  # an integer literal of thousands of digits
+            raise ConfigError(f"config file {p} is not valid TOML: {str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {p} is not valid TOML: arrays or tables nested too deeply") from None
     if overrides:
         data = _merge(data, overrides)
     return from_dict(data)
@@ -313,22 +454,41 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_toml(cfg: HerdsmanConfig) -> str:
-    """The configuration as a TOML file (for `herdsman config`), every default visible."""
-    top, tables = [], []
+def to_toml(cfg: HerdsmanConfig, redact: bool = True) -> str:
+    """The configuration as a TOML file (for `herdsman config` and the controller's resolved copy), every default
+    visible. With `redact` (the default) no secret is written: the API token comes out empty and the store URL's
+    password as ***; a comment at the top says what was left out. The text loads back either way."""
+    top, tables, hidden = [], [], []
+
+    def value_of(section: str, f: dataclasses.Field[Any], v: Any) -> str:
+        secret = f.metadata.get("secret")
+        if redact and secret == "token" and v:
+            hidden.append(f"{section}.{f.name}")
+            v = ""
+        elif redact and secret == "url" and redact_url(v) != v:
+            hidden.append(f"the password in {section}.{f.name}")
+            v = redact_url(v)
+        return _toml_value(v)
+
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            lines = [f"[{f.name}]"] + [f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in dataclasses.fields(v)]
+            lines = [f"[{f.name}]"] + [f"{g.name} = {value_of(f.name, g, getattr(v, g.name))}"
+                                       for g in dataclasses.fields(v)]
             tables.append("\n".join(lines))
         else:
             top.append(f"{f.name} = {_toml_value(v)}")
-    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+    head = f"# secrets left out: {', '.join(hidden)}\n" if hidden else ""
+    return head + "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                             for c in v) + '"'
     return repr(v)

@@ -48,6 +48,7 @@ class TrainerPhase(str, enum.Enum):
     RENDEZVOUS = "rendezvous"  # process group formed
     RESTORED = "restored"  # state loaded from a checkpoint (or fresh start); duration = restore time
     CHECKPOINT = "checkpoint"  # a checkpoint committed; duration = time the loop was blocked
+    CHECKPOINT_FAILED = "checkpoint_failed"  # a save lost to a full/read-only file system; training went on
     FAILED = "failed"  # about to exit with an error; message holds it
     FINISHED = "finished"  # reached the target step
 
@@ -319,3 +320,9 @@ def trainer_event_from_dict(d: dict[str, Any]) -> TrainerEvent:
     kw = {f.name: d[f.name] for f in dataclasses.fields(TrainerEvent) if f.name in d}
     kw["phase"] = TrainerPhase(kw["phase"])
     return TrainerEvent(**kw)
+
+
+def interruption_from_dict(d: dict[str, Any]) -> Interruption:
+    kw = {f.name: d[f.name] for f in dataclasses.fields(Interruption) if f.name in d}
+    kw["verdict"] = verdict_from_dict(d["verdict"])
+    return Interruption(**kw)

@@ -1,27 +1,63 @@
-"""`herdsman` command line."""
+"""`herdsman` command line.
+
+Nothing it prints gives a secret away: errors (one line, or a traceback for a bug), log records and the progress of
+`run`/`demo` pass through herdsman.secrets.redact_text, which hides URL passwords and the secrets this process knows
+(the configured API token, Grafana credentials); `herdsman config` leaves secrets out unless --show-secrets.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from herdsman import HerdsmanError
-from herdsman.config import load_config, to_toml
+from herdsman.config import HerdsmanConfig, load_config, to_toml
+from herdsman.secrets import (
+    RedactingFilter,
+    install_log_redaction,
+    redact_text,
+    redact_url,
+)
+
+# The secrets this process has learned (config token, Grafana credentials): hidden in errors and log records.
+_redactor = RedactingFilter()
+
+
+def _redact(text: str) -> str:
+    return redact_text(text, _redactor.secrets)
+
+
+def _echo(message: str = "", **kw: Any) -> None:
+    """click.echo with secrets hidden: for progress lines that may carry URLs."""
+    click.echo(_redact(message), **kw)
+
+
+def _load_config(path: str | None, overrides: dict[str, Any] | None = None) -> HerdsmanConfig:
+    cfg = load_config(path, overrides)
+    _redactor.add_secret(cfg.api.token)
+    return cfg
 
 
 class _Group(click.Group):
-    """Operator errors are one line on stderr and exit status 2, never a traceback."""
+    """Operator errors are one line on stderr and exit status 2, never a traceback; a bug's traceback (exit 1)
+    has its secrets hidden too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HerdsmanError as e:
-            click.echo(f"herdsman: error: {e}", err=True)
+            click.echo(f"herdsman: error: {_redact(str(e))}", err=True)
             sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: show its traceback, but never a password or token in it
+            click.echo(_redact("".join(traceback.format_exception(e))).rstrip("\n"), err=True)
+            sys.exit(1)
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -33,6 +69,7 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 def main() -> None:
     """Herdsman keeps large training runs training: agents, diagnosis, eviction and restart on Ray."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction(flt=_redactor)
 
 
 @main.command()
@@ -49,7 +86,7 @@ def demo(config_path: str | None, steps: int | None, run_dir: str | None) -> Non
         overrides.setdefault("trainer", {})["steps"] = steps
     if run_dir is not None:
         overrides["run_dir"] = run_dir
-    run_demo(load_config(config_path, overrides), click.echo)
+    run_demo(_load_config(config_path, overrides), _echo)
 
 
 @main.command()
@@ -62,16 +99,16 @@ def run(config_path: str | None, timeout: float) -> None:
     from orchestrator.report import render_text, summarize
     from orchestrator.store import Store
 
-    cfg = load_config(config_path)
+    cfg = _load_config(config_path)
     if cfg.cluster.address == "local":
         raise HerdsmanError("[cluster] address is 'local': use `herdsman demo`, or set the address of a Ray cluster")
     connect(cfg.cluster.address)
     ctrl = launch_controller(cfg)
     try:
-        wait_done(ctrl, timeout, Progress(click.echo))
+        wait_done(ctrl, timeout, Progress(_echo))
     finally:
         stop_controller(ctrl)
-    click.echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
+    _echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
 
 
 @main.command()
@@ -92,7 +129,7 @@ def report(config_path: str | None, job: str | None, db: str | None, fmt: str, o
     from orchestrator.report import render_text, summarize
     from orchestrator.store import Store
 
-    cfg = load_config(config_path)
+    cfg = _load_config(config_path)
     url = db or cfg.store_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise HerdsmanError(f"no Herdsman database at {url.removeprefix('sqlite:///')}")
@@ -100,7 +137,7 @@ def report(config_path: str | None, job: str | None, db: str | None, fmt: str, o
     if job is None:
         jobs = store.jobs()
         if not jobs:
-            raise HerdsmanError(f"no jobs recorded in {url}")
+            raise HerdsmanError(f"no jobs recorded in {redact_url(url)}")
         job = jobs[-1].name
     summary = summarize(store, job)
     if fmt == "text":
@@ -130,9 +167,11 @@ def report(config_path: str | None, job: str | None, db: str | None, fmt: str, o
 
 @main.command("config")
 @config_option
-def show_config(config_path: str | None) -> None:
-    """Print the effective configuration as TOML (every default visible)."""
-    click.echo(to_toml(load_config(config_path)), nl=False)
+@click.option("--show-secrets", is_flag=True,
+              help="Include the API token and the store URL's password (left out by default).")
+def show_config(config_path: str | None, show_secrets: bool) -> None:
+    """Print the effective configuration as TOML (every default visible, secrets left out)."""
+    click.echo(to_toml(_load_config(config_path), redact=not show_secrets), nl=False)
 
 
 @main.command()
@@ -291,12 +330,14 @@ def dashboards_push(url: str, token: str | None, user: str | None, password: str
     """Push every dashboard into a Grafana folder through its HTTP API (idempotent: overwrites by uid)."""
     from orchestrator.grafana_push import DASHBOARDS_DIR, load_dashboards, push
 
+    for secret in (token, password):
+        _redactor.add_secret(secret or "")
     if token and user:
         raise HerdsmanError("give either --token or --user/--password, not both")
     credential: str | tuple[str, str] | None = token or ((user, password or "") if user else None)
     boards = load_dashboards(Path(directory) if directory else DASHBOARDS_DIR)
     for p in push(url, credential, boards, folder=folder, prometheus_url=prometheus_url):
-        click.echo(f"pushed {p.uid:<22} v{p.version:<3} {url.rstrip('/')}{p.url}  ({p.title})")
+        click.echo(f"pushed {p.uid:<22} v{p.version:<3} {redact_url(url.rstrip('/'))}{p.url}  ({p.title})")
 
 
 @main.command()
@@ -329,7 +370,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
     from orchestrator import simulate as sim
     from orchestrator.report import render_simulation
 
-    base = load_config(config_path).simulate
+    base = _load_config(config_path).simulate
     if profile_name:
         base = dataclasses.replace(base, **sim.PROFILES[profile_name])
     if seeds < 1:

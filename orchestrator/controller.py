@@ -18,7 +18,9 @@ from typing import Any
 import ray
 
 from herdsman import RAY_NAMESPACE
+from herdsman import layout
 from herdsman.config import HerdsmanConfig, to_toml
+from herdsman.secrets import write_private
 from herdsman.events import (
     AgentReport,
     Evidence,
@@ -38,6 +40,7 @@ from orchestrator.operations import Operations
 from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
 from orchestrator.recovery import carry_on, recover
 from orchestrator.store import Store
+from orchestrator.store_writer import StoreWriter
 from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
     ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, Stopped)
 from orchestrator.workers import GroupStatus, WorkerGroup, close_actor
@@ -53,9 +56,11 @@ class Controller(Operations):
         self.cfg = config
         self.run_dir = Path(config.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.run_dir / "herdsman.resolved.toml"
-        self.config_path.write_text(to_toml(replace(config, run_dir=str(self.run_dir))))
-        self.store = Store(config.store_url)
+        self.config_path = self.run_dir / "herdsman.resolved.toml"  # what the ranks read: no secret in it
+        write_private(self.config_path, to_toml(replace(config, run_dir=str(self.run_dir)), redact=True))
+        self.store = Store(config.store_url)  # read here; written only through self.records
+        self.records = StoreWriter(self.store, spool=layout.store_spool(self.run_dir, config.job))
+        self.records.flush(timeout_s=10.0)  # what a stopped controller spooled is in before it is read back
         self.pool = HostPool()
         self.pool.restore(self.store.hosts())
         self.policy = RestartPolicy(config.controller)
@@ -75,6 +80,7 @@ class Controller(Operations):
         self.restarts = 0
         self.failures_without_progress = 0
         self.verdicts: list[Verdict] = []
+        self.interruptions: dict[int, Interruption] = {}  # attempt -> its record (the views read this, not the store)
         self.attempt_started_at = 0.0
         self.returned_at: dict[str, float] = {}  # host -> when it last passed its health check back into service
         # progress, from rank 0's reports
@@ -97,7 +103,7 @@ class Controller(Operations):
         if self.recovered is not None:
             carry_on(self, self.recovered)
         else:
-            self.store.upsert_job(config.job, state="scheduling", started_at=self.started_at,
+            self.records.upsert_job(config.job, state="scheduling", started_at=self.started_at,
                                   target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
                                   last_step=0, productive_s=0.0, checkpoint_s=0.0)
 
@@ -127,6 +133,8 @@ class Controller(Operations):
                 if ev.phase == TrainerPhase.CHECKPOINT:
                     self.ckpt_at[ev.step] = ev.time
                     self.ckpt_stall_s += ev.duration_s
+                elif ev.phase == TrainerPhase.CHECKPOINT_FAILED:
+                    self._decide(f"attempt {ev.attempt}: {ev.message}")
                 elif ev.phase == TrainerPhase.RENDEZVOUS:
                     self._complete_pending(ev.attempt, restarted_at=ev.time)
                 elif ev.phase == TrainerPhase.RESTORED:
@@ -143,7 +151,7 @@ class Controller(Operations):
             ckpt = self.ckpt_at.get(p.resumed_step, 0.0)
             began = self.resumed_at.get(p.attempt, (self.started_at, 0))[0]
             p = replace(p, lost_work_s=max(0.0, p.failed_at - max(ckpt, began)))
-        self.store.record_interruption(p)
+        self.record(p)
         if p.restarted_at is not None and p.resumed_at is not None:
             self.pending = None
         else:
@@ -168,7 +176,7 @@ class Controller(Operations):
             changed = nxt is not self.state
             self.state = nxt
             if changed or time.time() - self._persisted_at > 5.0:
-                self._persist_progress()
+                self._persist_progress()  # queued: a store outage cannot stop the loop here
             if not changed:  # a transition is acted on at once; only waiting states poll
                 self._stop.wait(self.cfg.controller.poll_interval_s)
         self._persist_progress(final=True)
@@ -209,16 +217,17 @@ class Controller(Operations):
             return state
         self.pool.activate(hosts)
         self._persist_hosts()
-        env = {"HERDSMAN_CONFIG": str(self.config_path)}
-        if self.ckpt_at:
-            env["HERDSMAN_RESUME"] = "required"  # never silently train from scratch once a checkpoint exists
+        env = {layout.ENV_CONFIG: str(self.config_path)}
+        if self.ckpt_at:  # never silently train from scratch once a checkpoint exists
+            env[layout.ENV_RESUME] = layout.RESUME_REQUIRED
         group = WorkerGroup([(h, self.nodes[h]) for h in hosts], self.cfg.trainer.ranks_per_host, self.attempt,
-                            env, self.run_dir, str(PROJECT_ROOT), self.rank_actors, self.cfg.controller.warm_standby)
+                            env, self.run_dir, self.cfg.job, str(PROJECT_ROOT), self.rank_actors,
+                            self.cfg.controller.warm_standby)
         self.group, self.previous = group, hosts
         self.attempt_started_at = time.time()
         self._decide(f"attempt {self.attempt}: starting {group.world_size} ranks on {', '.join(hosts)}")
         group.start()
-        self.store.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
+        self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(group, time.time())
 
     def _watch(self, state: Running) -> Any:
@@ -304,7 +313,7 @@ class Controller(Operations):
             it = Interruption(self.cfg.job, self.attempt, v, state.requested_at, state.requested_at,
                               last_step=self.last_step.get(self.attempt, 0),
                               planned=v.cause == RootCause.HOST_MAINTENANCE)
-            self.store.record_interruption(it)
+            self.record(it)
             self.pending = it
             self.verdicts.append(v)
         self.attempt += 1
@@ -359,7 +368,7 @@ class Controller(Operations):
             it = Interruption(self.cfg.job, self.attempt, verdict, state.since, detected_at,
                               last_step=self.last_step.get(self.attempt, 0),
                               planned=verdict.cause == RootCause.HOST_MAINTENANCE)
-            self.store.record_interruption(it)
+            self.record(it)
             self.pending = it
         if decision.action == Action.STOP:
             return Stopped(decision.reason)
@@ -387,7 +396,7 @@ class Controller(Operations):
         it = Interruption(self.cfg.job, self.attempt, verdict, now, now, last_step=self.last_step.get(self.attempt, 0),
                           planned=True)
         with self.lock:
-            self.store.record_interruption(it)
+            self.record(it)
             self.pending = it
         self.attempt += 1
         return Scheduling(time.time())
@@ -407,15 +416,16 @@ class Controller(Operations):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         def create(host: str, node_id: str) -> Any:
-            return AgentActor.options(
+            return AgentActor.options(  # a crashed agent is started again, like a DaemonSet's pod
                 name=agent_name(host), namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached",
+                max_restarts=-1,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(host, self.cfg)
 
         for host, node_id in self.nodes.items():
             if host not in self.agents:
                 self.agents[host] = create(host, node_id)
-        refs = {h: a.ready.remote() for h, a in self.agents.items() if h in self.nodes}
+        refs = {h: a.ready.remote(self.cfg.job) for h, a in self.agents.items() if h in self.nodes}
         for host, ref in refs.items():
             try:
                 ray.get(ref, timeout=60)
@@ -430,9 +440,15 @@ class Controller(Operations):
         self.decisions.append(entry)
         log.info(line)
 
+    def record(self, it: Interruption) -> None:
+        """Keep an interruption (a newer record of the same attempt replaces the older) and queue its write."""
+        with self.lock:
+            self.interruptions[it.attempt] = it
+        self.records.record_interruption(it)
+
     def _persist_hosts(self) -> None:
         for st in self.pool.changes:
-            self.store.set_host_state(st)
+            self.records.set_host_state(st)
         self.pool.changes.clear()
 
     def _persist_progress(self, final: bool = False) -> None:
@@ -443,7 +459,7 @@ class Controller(Operations):
         if final or isinstance(self.state, TERMINAL):
             fields.update(state="finished" if isinstance(self.state, Finished) else "stopped", ended_at=time.time(),
                           message=getattr(self.state, "reason", ""))
-        self.store.upsert_job(self.cfg.job, **fields)
+        self.records.upsert_job(self.cfg.job, **fields)
 
     def productive_s(self) -> float:
         """Kept step time: each step once, in the attempt that kept it."""
@@ -471,6 +487,9 @@ class Controller(Operations):
             except Exception:
                 pass
         self.agents.clear()
+        spooled = self.records.close(timeout_s=15.0)
+        if spooled:
+            self._decide(f"store unavailable at shutdown: {spooled} record(s) spooled for the next controller")
         self.store.close()
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 from herdsman import HerdsmanError
 from herdsman.config import HerdsmanConfig
+from herdsman.events import HostState, HostStatus
 from orchestrator.cluster import LocalCluster
 from orchestrator.job import Progress, launch_controller, stop_controller, wait_done, wait_until
 from orchestrator.report import render_text, summarize
@@ -19,6 +20,21 @@ def host_names(n: int) -> list[str]:
     return [f"host-{i + 1}" for i in range(n)]
 
 
+def fresh_hardware(cfg: HerdsmanConfig, hosts: list[str]) -> None:
+    """Each demo starts new simulated hosts: quarantines an earlier demo left on hosts of the same names do not
+    apply to them (a real fleet's quarantines, in `herdsman run`, are kept across jobs)."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    store = Store(cfg.store_url)
+    try:
+        now = time.time()
+        old = {st.host: st for st in store.hosts()}
+        for h in hosts:
+            if h in old and old[h].state != HostState.HEALTHY:
+                store.set_host_state(HostStatus(h, HostState.HEALTHY, now, f"new simulated host for demo {cfg.job}"))
+    finally:
+        store.close()
+
+
 def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s: float = 600) -> None:
     if cfg.cluster.address != "local":
         raise HerdsmanError("the demo starts its own local cluster; set [cluster] address = \"local\"")
@@ -26,6 +42,7 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
         raise HerdsmanError("the demo's fault campaign needs trainer.steps >= 30")
     cfg = replace(cfg, job=f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}")
     hosts = host_names(cfg.cluster.worker_hosts + cfg.cluster.spare_hosts)
+    fresh_hardware(cfg, hosts)
     t0 = time.time()
     echo(f"Starting a local Ray cluster: head + {len(hosts)} hosts ({', '.join(hosts)}) ...")
     with LocalCluster(hosts, cfg.cluster.cpus_per_host) as cluster:
@@ -42,7 +59,7 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
             # 1. a GPU falls off the bus on the host of rank 1
             first = max(cfg.trainer.checkpoint_every * 2, cfg.trainer.steps // 4)
             st = wait_until(ctrl, lambda s: s["step"] >= first, timeout_s, progress)
-            victim = st["placement"][1]
+            victim = st["placement"][min(1, len(st["placement"]) - 1)]
             echo(f"* fault 1: Xid 79 on {victim} gpu0 (step {st['step']})")
             ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
 

@@ -14,7 +14,19 @@ from orchestrator.controller import ControllerActor
 
 
 def launch_controller(config: HerdsmanConfig) -> Any:
-    """The controller actor, on this (the head) node, named so that agents find it."""
+    """The controller actor, on this (the head) node, named so that agents find it. A job name that already
+    ended in this store is refused: starting it again at attempt 0 would write over its history."""
+    from orchestrator.store import Store
+
+    store = Store(config.store_url)
+    try:
+        rec = store.job(config.job)
+    finally:
+        store.close()
+    if rec is not None and rec.state in ("finished", "stopped"):
+        raise HerdsmanError(f"job {config.job!r} already ran in this store ({rec.state} at step {rec.last_step}"
+                            f"{': ' + rec.message if rec.message else ''}); give the new job another name "
+                            "(job = \"...\" in the config)")
     here = ray.get_runtime_context().get_node_id()
     ctrl = ControllerActor.options(
         name=CONTROLLER_NAME, namespace=RAY_NAMESPACE,

@@ -40,6 +40,11 @@ class JobCollector(Collector):
         yield gauge("herdsman_job_ettr", "Effective training time so far: productive / wall.", st.get("ettr"))
         yield gauge("herdsman_job_since_checkpoint_seconds", "Age of the latest committed checkpoint.",
                     st.get("since_checkpoint_s"))
+        store = st.get("store") or {}
+        yield gauge("herdsman_store_degraded", "1 while the store refuses the controller's writes (they are kept "
+                    "and retried).", float(bool(store.get("degraded"))))
+        yield gauge("herdsman_store_pending_writes", "Records waiting to be written to the store.",
+                    store.get("pending_writes", 0))
         state = GaugeMetricFamily("herdsman_job_state", "1 for the controller's current state.",
                                   labels=["job", "state"])
         state.add_metric([job, str(st.get("state", ""))], 1.0)

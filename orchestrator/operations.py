@@ -22,9 +22,10 @@ class Operations:
         if self._api is not None:  # already serving (a restarted controller starts its own)
             return self.api_url
         token = load_or_create_token(self.cfg.api.token, self.run_dir)
-        self._api = ApiServer(create_app(self, token), self.cfg.api.host, self.cfg.api.port)
+        self._api = ApiServer(create_app(self, token, docs=self.cfg.api.docs), self.cfg.api.host, self.cfg.api.port)
         self.api_url = self._api.start()
-        self._decide(f"API at {self.api_url} (operator token in {self.run_dir / 'api_token'})")
+        where = "[api] token in the config" if self.cfg.api.token else str(self.run_dir / "api_token")
+        self._decide(f"API at {self.api_url} (operator token: {where})")
         return self.api_url
 
 
@@ -44,6 +45,7 @@ class Operations:
                 "checkpoints": sorted(self.ckpt_at.items()),  # (step, commit time of its latest save)
                 "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
                 "api_url": self.api_url,
+                "store": self.records.view(),
                 "pid": os.getpid(),
                 **self._progress_view(),
             }
@@ -103,7 +105,9 @@ class Operations:
 
     def interruptions_view(self) -> list[dict[str, Any]]:
         out = []
-        for it in self.store.interruptions(self.cfg.job):
+        with self.lock:
+            its = sorted(self.interruptions.values(), key=lambda it: it.failed_at)
+        for it in its:
             out.append({"attempt": it.attempt, "cause": it.verdict.cause.value, "planned": it.planned,
                         "verdict": to_dict(it.verdict), "failed_at": it.failed_at, "detection_s": it.detection_s,
                         "restart_s": it.restart_s, "restore_s": it.restore_s, "lost_work_s": it.lost_work_s,

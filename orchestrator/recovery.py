@@ -2,7 +2,7 @@
 
 The controller is a Ray actor with `max_restarts`; when its process dies, Ray runs its constructor again. The
 store holds the job (its current attempt, productive time), every interruption with its verdict and host states;
-rank 0's report streams (`<run_dir>/nodes/<host>/stats/rank00000-attempt*.jsonl`, on the shared run directory)
+rank 0's report streams (`<run_dir>/nodes/<host>/jobs/<job>/stats/rank00000-attempt*.jsonl`, on the shared run dir)
 hold every completed step and checkpoint. Together they rebuild the progress counters exactly, so ETTR is not
 counted twice and the crash-loop guard and lemon detector remember what happened before the restart.
 `recover` reads it; `carry_on` puts it into the new controller.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from herdsman.layout import rank0_streams
 from herdsman.events import HostState, Interruption, TrainerPhase, Verdict
 from herdsman.taxonomy import Action, RootCause
 from orchestrator.store import JobRecord, Store
@@ -51,7 +52,7 @@ def recover(store: Store, job: str, run_dir: Path) -> Recovered | None:
     if rec is None or rec.state not in LIVE_STATES:
         return None
     r = Recovered(rec, store.interruptions(job))
-    for path in sorted((run_dir / "nodes").glob("*/stats/rank00000-attempt*.jsonl")):
+    for path in rank0_streams(run_dir, job):
         _read_stream(path, r)
     return r
 
@@ -95,6 +96,7 @@ def carry_on(ctrl: Controller, r: Recovered) -> None:
     ctrl.ckpt_at, ctrl.ckpt_stall_s, ctrl.resumed_at = r.ckpt_at, r.ckpt_stall_s, r.resumed_at
     ctrl.last_loss = r.last_loss
     for it in r.interruptions:  # the crash-loop guard and the lemon detector remember
+        ctrl.interruptions[it.attempt] = it
         ctrl.verdicts.append(it.verdict)
         ctrl.lemons.implicate(it.verdict, it.failed_at)
     ctrl.restarts = sum(1 for it in r.interruptions if not it.planned)
@@ -111,12 +113,12 @@ def carry_on(ctrl: Controller, r: Recovered) -> None:
             Action.RESTART, "the controller itself failed (no host is blamed)")
         it = Interruption(ctrl.cfg.job, lost, verdict, r.last_step_at.get(lost, now), now,
                           last_step=r.last_step.get(lost, 0))
-        ctrl.store.record_interruption(it)
+        ctrl.record(it)
         ctrl.verdicts.append(verdict)
         ctrl.restarts += 1
         ctrl.pending = it
         ctrl.attempt = lost + 1
-    ctrl.store.upsert_job(ctrl.cfg.job, state="scheduling", attempt=ctrl.attempt)
+    ctrl.records.upsert_job(ctrl.cfg.job, state="scheduling", attempt=ctrl.attempt)
     ctrl._decide(f"controller restarted: carrying on job {ctrl.cfg.job} at attempt {ctrl.attempt}, "
                  f"step {max(ctrl.step_time) if ctrl.step_time else 0}, {len(ctrl.verdicts)} verdict(s) so far, "
                  f"checkpoints up to step {max(ctrl.ckpt_at) if ctrl.ckpt_at else '-'}")

@@ -1,25 +1,44 @@
 """Durable records through SQLAlchemy: jobs, interruptions with their time split, and host states.
 
-SQLite by default (a file in the run directory); any SQLAlchemy URL works, PostgreSQL included. Opening a store
-never drops or rewrites existing data; tables are created only when missing.
+SQLite by default (a file in the run directory, in WAL mode so readers never block the controller's writes);
+any SQLAlchemy URL works, PostgreSQL included. Opening a store migrates its schema to this version with Alembic
+(orchestrator/migrations/): it never drops data, and a database from before migrations existed is upgraded in
+place. Every failure is a StoreError of one line, with the URL's password hidden.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, select
+from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, event, inspect, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from herdsman import HerdsmanError
+from herdsman.secrets import redact_url
 from herdsman.events import HostState, HostStatus, Interruption, to_dict, verdict_from_dict
+
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+BASELINE = "0001"  # the schema before migrations existed
+SQLITE_BUSY_TIMEOUT_MS = 15000  # the writer waits out a checkpointing reader or a `sqlite3` shell this long
+T = TypeVar("T")
 
 
 class StoreError(HerdsmanError):
     pass
+
+
+def _one_line(e: BaseException) -> str:
+    """The driver's own message (e.g. sqlite3's 'attempt to write a readonly database'), without SQL or params."""
+    orig = getattr(e, "orig", None) or e
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Base(DeclarativeBase):
@@ -68,6 +87,7 @@ class HostRow(Base):
 
 class HostEventRow(Base):
     __tablename__ = "host_events"
+    __table_args__ = (UniqueConstraint("host", "state", "time", name="uq_host_event"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     host: Mapped[str] = mapped_column(String(200), index=True)
     state: Mapped[str] = mapped_column(String(32))
@@ -89,19 +109,38 @@ class JobRecord:
     attempt: int = 0
 
 
+def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
+    """Database errors leave a Store method as one StoreError line naming the store (password hidden)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except SQLAlchemyError as e:
+            raise StoreError(f"store {redact_url(self.url)}: {fn.__name__} failed: {_one_line(e)}") from None
+    return wrapper
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
         try:
-            self.engine = create_engine(url, future=True)
-            Base.metadata.create_all(self.engine)
-        except (SQLAlchemyError, ValueError, ImportError) as e:
-            raise StoreError(f"cannot open the store at {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+            sqlite = make_url(url).get_backend_name() == "sqlite"
+            self.engine = create_engine(url, future=True,
+                                        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000} if sqlite else {})
+            if sqlite:
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            migrate(self.engine)
+        except (SQLAlchemyError, ValueError, ImportError, OSError) as e:
+            raise StoreError(f"cannot open the store at {redact_url(url)}: {_one_line(e)}") from None
+        except HerdsmanError as e:
+            raise StoreError(f"cannot open the store at {redact_url(url)}: {e}") from None
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
     # --- jobs ---------------------------------------------------------------------------------------------
+    @_guarded
     def upsert_job(self, name: str, **fields: Any) -> None:
         with self._session() as s, s.begin():
             row = s.get(JobRow, name)
@@ -111,16 +150,19 @@ class Store:
             for k, v in fields.items():
                 setattr(row, k, v)
 
+    @_guarded
     def job(self, name: str) -> JobRecord | None:
         with self._session() as s:
             row = s.get(JobRow, name)
             return None if row is None else _job(row)
 
+    @_guarded
     def jobs(self) -> list[JobRecord]:
         with self._session() as s:
             return [_job(r) for r in s.scalars(select(JobRow).order_by(JobRow.started_at))]
 
     # --- interruptions ------------------------------------------------------------------------------------
+    @_guarded
     def record_interruption(self, it: Interruption) -> int:
         """Insert, or update the record of the same (job, attempt): a restarted controller never duplicates one."""
         with self._session() as s, s.begin():
@@ -136,6 +178,7 @@ class Store:
             s.flush()
             return row.id
 
+    @_guarded
     def interruptions(self, job: str | None = None, since: float | None = None,
                       until: float | None = None) -> list[Interruption]:
         q = select(InterruptionRow).order_by(InterruptionRow.failed_at)
@@ -149,6 +192,7 @@ class Store:
             return [_interruption(r) for r in s.scalars(q)]
 
     # --- hosts --------------------------------------------------------------------------------------------
+    @_guarded
     def set_host_state(self, status: HostStatus) -> None:
         with self._session() as s, s.begin():
             row = s.get(HostRow, status.host)
@@ -158,13 +202,19 @@ class Store:
                 row = HostRow(host=status.host)
                 s.add(row)
             row.state, row.since, row.reason = status.state.value, status.since, status.reason
-            s.add(HostEventRow(host=status.host, state=status.state.value, time=status.since, reason=status.reason))
+            key = (HostEventRow.host == status.host, HostEventRow.state == status.state.value,
+                   HostEventRow.time == status.since)
+            if s.scalars(select(HostEventRow.id).where(*key)).first() is None:  # a retried write adds nothing
+                s.add(HostEventRow(host=status.host, state=status.state.value, time=status.since,
+                                   reason=status.reason))
 
+    @_guarded
     def hosts(self) -> list[HostStatus]:
         with self._session() as s:
             return [HostStatus(r.host, HostState(r.state), r.since, r.reason)
                     for r in s.scalars(select(HostRow).order_by(HostRow.host))]
 
+    @_guarded
     def host_events(self, host: str | None = None) -> Iterator[HostStatus]:
         q = select(HostEventRow).order_by(HostEventRow.time)
         if host is not None:
@@ -175,6 +225,45 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (report, page) never block the controller's writes
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.close()
+
+
+def migrate(engine: Any) -> None:
+    """Bring the schema to this version's head. An unversioned database with tables is the baseline schema."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    known = {r.revision for r in ScriptDirectory.from_config(cfg).walk_revisions()}
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in known:
+            raise HerdsmanError(f"its schema (revision {current}) is newer than this Herdsman knows "
+                                f"({', '.join(sorted(known))}): upgrade Herdsman")
+        try:
+            if current is None and inspect(conn).has_table("jobs"):
+                command.stamp(cfg, BASELINE)
+            command.upgrade(cfg, "head")
+        except CommandError as e:
+            raise HerdsmanError(f"schema migration failed: {e}") from None
+
+
+def schema_revision(engine: Any) -> str | None:
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def _job(r: JobRow) -> JobRecord:

@@ -21,7 +21,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.diagnose import RankFailure
+from herdsman import layout
+from herdsman.events import RankFailure
 from trainer import faults
 from trainer import flight_recorder as trainer_fr
 from trainer.checkpoint import request_now as request_checkpoint_now
@@ -83,7 +84,7 @@ class RankProcess:
         self.rank, self.ended_at = int(env["RANK"]), None
         self.log_path, self.control_dir = Path(log_path), Path(control_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["--config", env["HERDSMAN_CONFIG"]]
+        argv = ["--config", env[layout.ENV_CONFIG]]
         standby = self._standby
         self.proc = self._take_standby({"env": env, "log": str(self.log_path), "argv": argv})
         with open(self.log_path, "a") as log:
@@ -202,8 +203,9 @@ class WorkerGroup:
     """
 
     def __init__(self, placement: list[tuple[str, str]], ranks_per_host: int, attempt: int, env: dict[str, str],
-                 run_dir: Path, cwd: str, actors: dict[tuple[str, int], object] | None = None, warm: bool = True):
-        self.attempt, self.env, self.run_dir, self.cwd = attempt, env, Path(run_dir), cwd
+                 run_dir: Path, job: str, cwd: str, actors: dict[tuple[str, int], object] | None = None,
+                 warm: bool = True):
+        self.attempt, self.env, self.run_dir, self.job, self.cwd = attempt, env, Path(run_dir), job, cwd
         self.hosts = [h for h, _ in placement]
         self.rank_hosts: list[str] = []
         self.actors = []
@@ -232,15 +234,11 @@ class WorkerGroup:
             raise HerdsmanError(f"could not place rank 0 on {self.rank_hosts[0]}: {e}") from None
         refs = []
         for rank, (actor, host) in enumerate(zip(self.actors, self.rank_hosts)):
-            node = self.run_dir / "nodes" / host
-            env = {**self.env, "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
-                   "LOCAL_RANK": str(rank % self.ranks_per_host), "MASTER_ADDR": master_ip, "MASTER_PORT": str(port),
-                   "HERDSMAN_ATTEMPT": str(self.attempt), "HERDSMAN_HOST": host,
-                   "HERDSMAN_STATS_DIR": str(node / "stats"), "HERDSMAN_CONTROL_DIR": str(node / "control"),
-                   "HERDSMAN_FR_DIR": str(node / "flight_recorder"), "OMP_NUM_THREADS": "1",
-                   "HERDSMAN_SIM_CLOCKS": str(node / "sim-clocks.json")}  # written by a simulated-GPU agent only
-            log = node / "logs" / f"rank{rank:05d}-attempt{self.attempt:04d}.log"
-            refs.append(actor.start.remote(env, str(log), str(node / "control")))
+            env = {**self.env, **layout.rank_env(self.run_dir, host, self.job, self.attempt), "RANK": str(rank),
+                   "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_host),
+                   "MASTER_ADDR": master_ip, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            log = layout.rank_log(self.run_dir, host, self.job, rank, self.attempt)
+            refs.append(actor.start.remote(env, str(log), env[layout.ENV_CONTROL_DIR]))
         ray.get(refs, timeout=timeout_s)
 
     def poll(self, timeout_s: float = 5.0) -> GroupStatus:

@@ -60,6 +60,7 @@ def test_report_reads_without_changing_the_store(tmp_path):
     s.upsert_job("j", state="finished", target_step=10, last_step=10, productive_s=8.0, ended_at=None)
     s.record_interruption(Interruption("j", 0, Verdict(RootCause.FAULTY_GPU, 0.95, ("h2",)), 1.0, 2.0, 3.0, 4.0,
                                        last_step=7, resumed_step=5, lost_work_s=0.5))
+    s.close()  # its write-ahead log goes into the database file
     before = db.read_bytes()
     r = herdsman("report", "--db", f"sqlite:///{db}")
     assert r.returncode == 0, r.stderr

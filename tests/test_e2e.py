@@ -1,6 +1,11 @@
 """The whole loop on a real local multi-node Ray cluster: 3 worker hosts + 1 spare, real trainer processes."""
 
+import contextlib
+import os
 import re
+import sqlite3
+import subprocess
+import threading
 import time
 
 import pytest
@@ -265,7 +270,7 @@ def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
     assert job.state == "finished" and job.last_step == STEPS
     # productive time counts each step once, though steps were recomputed after both interruptions
     assert 0 < job.productive_s < (job.ended_at - job.started_at)
-    stats = {p.name for p in (tmp_path / "run" / "nodes").glob("*/stats/rank00000-attempt*.jsonl")}
+    stats = {p.name for p in (tmp_path / "run" / "nodes").glob("*/jobs/phoenix/stats/rank00000-attempt*.jsonl")}
     assert stats == {"rank00000-attempt0000.jsonl", "rank00000-attempt0001.jsonl", "rank00000-attempt0002.jsonl"}
 
 
@@ -384,3 +389,111 @@ def test_a_campaign_of_table5_faults_is_classified_blamed_and_acted_on(cluster, 
     out = artifacts_dir() / "postmortem-campaign.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html)
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size_mb):
+    """A tmpfs of `size_mb` mounted at `path` (the checkpoint file system of the chaos job)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for the disk-full fault: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path):
+    """Take every free byte of the file system at `path`; returns the ballast file."""
+    ballast = path / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+def hold_database_lock(db, seconds, locked):
+    """What a backup, a `sqlite3` shell or a stuck migration does: hold the write lock."""
+    conn = sqlite3.connect(db, timeout=30)
+    conn.execute("BEGIN EXCLUSIVE")
+    locked.set()
+    time.sleep(seconds)
+    conn.rollback()
+    conn.close()
+
+
+def test_chaos_the_job_outlives_its_store_agents_controller_disk_and_network(cluster, tmp_path):
+    """During one job: the database is locked for 30 s while a GPU fails, a host goes quiet for less than the
+    heartbeat window, an agent is killed, the checkpoint file system fills up, and the controller is killed.
+    The job finishes; every interruption is recorded once with its cause; only the faulty host is quarantined;
+    no checkpoint that verified is lost."""
+    from agents.ray_agent import agent_name
+    from herdsman import RAY_NAMESPACE
+    from trainer.checkpoint import CheckpointError, committed, latest_valid, verify
+
+    cfg = job_config(tmp_path, "chaos", trainer={"steps": 110, "checkpoint_every": 5},
+                     controller={"heartbeat_timeout_s": 20.0})
+    with small_filesystem(tmp_path / "run" / "checkpoints", 64) as fs:
+        ctrl = launch_controller(cfg)
+        try:
+            # 1. the store is locked for 30 s; meanwhile a GPU falls off the bus: the loop must act anyway
+            wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 8, 300)
+            locked = threading.Event()
+            locker = threading.Thread(target=hold_database_lock, args=(tmp_path / "run" / "herdsman.db", 30, locked))
+            locker.start()
+            assert locked.wait(30)
+            victim = xid79_on_rank1(ctrl, 8)
+            st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running" and s["store"]["degraded"],
+                            120)
+            assert st["step"] < 40 and locker.is_alive()  # evicted and restarted while the store was locked
+            locker.join()
+            st = wait_until(ctrl, lambda s: not s["store"]["degraded"] and s["store"]["pending_writes"] == 0, 120)
+            assert [i.verdict.cause for i in Store(cfg.store_url).interruptions("chaos")] == [RootCause.FAULTY_GPU]
+
+            # 2. a host is heard from not at all for 6 s (less than the 20 s window), 3. an agent is killed
+            quiet, killed = [h for h in st["placement"] if h != victim][:2]
+            ray.get(ctrl.inject_gpu_fault.remote(quiet, "silence", seconds=6))
+            ray.kill(ray.get_actor(agent_name(killed), namespace=RAY_NAMESPACE), no_restart=False)
+
+            # 4. the checkpoint file system fills up for a while: saves fail, training goes on
+            mark = st["step"]
+            good = latest_valid(fs / "chaos")
+            ballast = fill(fs)
+            st = wait_until(ctrl, lambda s: any("failed, skipped (training goes on)" in d for d in s["decisions"]),
+                            180)
+            ballast.unlink()
+            st = wait_until(ctrl, lambda s: s["checkpoints"] and s["checkpoints"][-1][0] > st["step"], 180)
+            assert st["attempt"] == 1, st["decisions"]  # neither the silence, the agent nor the disk restarted it
+            assert (fs / "chaos" / good.path.name).exists() or any(s > good.step for s, _ in st["checkpoints"])
+
+            # 5. the controller dies; Ray starts it again and it carries on
+            pid = st["pid"]
+            ray.kill(ctrl, no_restart=False)
+            st = wait_done(ctrl, 400)
+        finally:
+            stop_controller(ctrl)
+        assert st["state"] == "finished" and st["pid"] != pid, st["decisions"]
+        assert st["step"] == 110 and mark < 110
+        # every interruption once, with its cause
+        its = Store(cfg.store_url).interruptions("chaos")
+        assert [(i.attempt, i.verdict.cause) for i in its] == [(0, RootCause.FAULTY_GPU), (1, RootCause.UNKNOWN)]
+        assert "controller restarted" in its[1].verdict.evidence[0]
+        # only the faulty host is out
+        assert {h for h, s in st["hosts"].items() if s == "quarantined"} == {victim}, st["hosts"]
+        # what is on disk verifies, and the newest is the final step
+        kept = committed(fs / "chaos")
+        assert kept and int(kept[0].name.split("-")[1]) == 110
+        for p in kept:
+            try:
+                verify(p)
+            except CheckpointError as e:
+                pytest.fail(f"a committed checkpoint does not verify: {e}")
+        assert not list((tmp_path / "run").glob("*.store-spool.jsonl"))  # nothing was left unwritten

@@ -1,10 +1,11 @@
 """What a restarted controller reads back: the job, its interruptions, and rank 0's report streams."""
 
 from herdsman.events import Interruption, TrainerPhase, Verdict
+from herdsman.layout import stats_dir
 from herdsman.taxonomy import RootCause
 from orchestrator.recovery import recover
 from orchestrator.store import Store
-from trainer.stats import StatsWriter
+from herdsman.stats import StatsWriter
 
 
 def test_nothing_to_recover_for_an_unknown_or_ended_job(tmp_path):
@@ -17,15 +18,16 @@ def test_nothing_to_recover_for_an_unknown_or_ended_job(tmp_path):
 def test_progress_is_rebuilt_from_rank0_streams_counting_recomputed_steps_once(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'h.db'}")
     store.upsert_job("j", state="running", started_at=100.0, attempt=1)
-    stats = tmp_path / "nodes" / "host-1" / "stats"
-    w0 = StatsWriter(stats, 0, "host-1", 0)
+    w0 = StatsWriter(stats_dir(tmp_path, "host-1", "j"), 0, "host-1", 0)
     for step in range(1, 8):
         w0.step(step, 1.0, 512, 3.0 - step * 0.1)
         if step == 5:
             w0.event(TrainerPhase.CHECKPOINT, step, duration_s=0.25)
-    other = StatsWriter(tmp_path / "nodes" / "host-2" / "stats", 1, "host-2", 0)  # not rank 0: ignored
+    other = StatsWriter(stats_dir(tmp_path, "host-2", "j"), 1, "host-2", 0)  # not rank 0: ignored
     other.step(1, 99.0, 512, 9.9)
-    w1 = StatsWriter(tmp_path / "nodes" / "host-3" / "stats", 0, "host-3", 1)
+    earlier = StatsWriter(stats_dir(tmp_path, "host-2", "an-earlier-job"), 0, "host-2", 0)  # another job: ignored
+    earlier.step(60, 99.0, 512, 9.9)
+    w1 = StatsWriter(stats_dir(tmp_path, "host-3", "j"), 0, "host-3", 1)
     w1.event(TrainerPhase.RESTORED, 5, duration_s=0.5)
     for step in (6, 7, 8):  # 6 and 7 recomputed after the restore
         w1.step(step, 2.0, 512, 2.0)

@@ -116,3 +116,28 @@ def test_a_rank_dies_with_its_parent(tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the orphaned rank kept running")
+
+
+def test_a_save_lost_to_a_full_disk_is_skipped_and_any_other_failure_is_not():
+    import errno
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from trainer.train import _storage_failure
+
+    def wrapped(e):  # how DCP gathers each rank's error
+        return (e, traceback.extract_stack())
+
+    full = CheckpointException("save failed", {0: wrapped(OSError(errno.ENOSPC, "No space left on device")),
+                                               1: wrapped(OSError(errno.ENOSPC, "No space left on device"))})
+    assert _storage_failure(full)
+    ours = CheckpointError("checkpoint save of step 25 failed")
+    ours.__cause__ = full
+    assert _storage_failure(ours)
+    assert _storage_failure(CheckpointError(f"checkpoint save of step 5 failed: CheckpointException: {full}"))
+    assert _storage_failure(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert _storage_failure(OSError(errno.EROFS, "Read-only file system"))
+    assert not _storage_failure(CheckpointError("checkpoint save of step 5 failed: RuntimeError: CUDA error"))
+    assert not _storage_failure(CheckpointException("save failed", {1: wrapped(ValueError("shapes differ"))}))
+    assert not _storage_failure(OSError(errno.EIO, "Input/output error"))  # a failing disk is not a full one

@@ -13,6 +13,7 @@ HERDSMAN_RESUME=required (refuse to start from scratch when no usable checkpoint
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,8 @@ from trainer.memory_tier import MemoryTier
 from trainer.sdc import ParamGuard, PeerCorruption, SilentDataCorruption, flip_bit
 from trainer.data import IGNORE, VOCAB_SIZE, PackedLoader
 from trainer.model import Transformer, model_args
-from trainer.stats import StatsWriter
+from herdsman import layout
+from herdsman.stats import StatsWriter
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def init_distributed(cfg: TrainerConfig) -> DistEnv:
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.fr_buffer_size))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    attempt = int(os.environ.get("HERDSMAN_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    attempt = int(os.environ.get(layout.ENV_ATTEMPT, os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
     timeout = timedelta(seconds=cfg.collective_timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent hosts the store
@@ -72,7 +75,7 @@ def init_distributed(cfg: TrainerConfig) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    host = os.environ.get("HERDSMAN_HOST") or socket.gethostname()
+    host = os.environ.get(layout.ENV_HOST) or socket.gethostname()
     return DistEnv(rank, world, local_rank, attempt, host, device)
 
 
@@ -138,10 +141,10 @@ def train(config: HerdsmanConfig) -> int:
     t_start = time.time()
     exit_with_parent()
     env = init_distributed(cfg)
-    stats = StatsWriter(_env_path("HERDSMAN_STATS_DIR"), env.rank, env.host, env.attempt, gpu=env.local_rank)
+    stats = StatsWriter(_env_path(layout.ENV_STATS_DIR), env.rank, env.host, env.attempt, gpu=env.local_rank)
     stats.event(TrainerPhase.RENDEZVOUS, duration_s=time.time() - t_start)
-    control_dir, fr_dir = _env_path("HERDSMAN_CONTROL_DIR"), _env_path("HERDSMAN_FR_DIR")
-    sim_clocks = SimulatedClock(_env_path("HERDSMAN_SIM_CLOCKS"), env.local_rank)
+    control_dir, fr_dir = _env_path(layout.ENV_CONTROL_DIR), _env_path(layout.ENV_FR_DIR)
+    sim_clocks = SimulatedClock(_env_path(layout.ENV_SIM_CLOCKS), env.local_rank)
     backend = dist.get_backend()
     watcher = flight_recorder.DumpOnRequest(control_dir, fr_dir, env.rank, env.attempt, backend).start()
     step = 0
@@ -161,7 +164,7 @@ def train(config: HerdsmanConfig) -> int:
         if info is None and committed(config.checkpoint_dir):
             raise CheckpointError(f"none of the {len(committed(config.checkpoint_dir))} checkpoint(s) in "
                                   f"{config.checkpoint_dir} is usable (see above); refusing to train from scratch")
-        if info is None and os.environ.get("HERDSMAN_RESUME") == "required":
+        if info is None and os.environ.get(layout.ENV_RESUME) == layout.RESUME_REQUIRED:
             raise CheckpointError(f"no usable checkpoint in {config.checkpoint_dir}; refusing to train from scratch")
         source = "fresh start"
         if info is not None:
@@ -214,16 +217,17 @@ def train(config: HerdsmanConfig) -> int:
                 _sdc_stop(env, ckpt, guard, bad, step)
             step_s = time.perf_counter() - t0
             stats.step(step, step_s, tokens.numel(), reduced[0].item() / env.world_size, compute_s)
-            _report_commits(env, ckpt.poll(), stats, config, step_s)
+            _saves_done(env, ckpt.poll, stats, config, step_s)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or reduced[1].item() > 0:
-                ckpt.save(step, model, optim, {"step": step, "loader": loader.state_dict()})
+                state = {"step": step, "loader": loader.state_dict()}
+                _saves_done(env, lambda: ckpt.save(step, model, optim, state), stats, config, step_s, step)
                 last_save = time.monotonic()
                 if step == cfg.steps or reduced[2].item() > 0:
-                    _report_commits(env, ckpt.wait(), stats, config, step_s)  # the last save must land
+                    _saves_done(env, ckpt.wait, stats, config, step_s)  # the last save must land
             if reduced[2].item() > 0:  # drained: the work is in the checkpoint just taken
                 _log(env, f"stopping after the requested checkpoint at step {step}")
                 break
-        _report_commits(env, ckpt.wait(), stats, config, None)
+        _saves_done(env, ckpt.wait, stats, config, None)
         ckpt.close()
         if memory is not None and step >= cfg.steps:  # finished (not drained): nothing will restore from RAM
             dist.barrier()
@@ -242,13 +246,58 @@ def train(config: HerdsmanConfig) -> int:
             # let the save in flight land: its peers are still alive unless they are what failed (then their
             # sockets close and it fails at once), and a committed save is work not lost
             try:
-                _report_commits(env, ckpt.wait(timeout_s=min(10.0, cfg.collective_timeout_s)), stats, config, None)
+                _saves_done(env, lambda: ckpt.wait(timeout_s=min(10.0, cfg.collective_timeout_s)), stats, config,
+                            None)
             except CheckpointError as err:
                 _log(env, f"the checkpoint in flight was not committed: {err}")
             if ckpt.in_flight:  # still stuck: its thread would hold the interpreter's exit until its timeout
                 sys.stdout.flush()
                 os._exit(1)
         return 1
+
+
+def _storage_failure(e: BaseException) -> bool:
+    """A save that failed because the checkpoint file system is full, over quota or read-only: the training
+    itself is sound, so it goes on and the next save tries again (the agent reports the disk)."""
+    seen: set[int] = set()
+    stack: list[object] = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, tuple) and x:  # DCP's failures: rank -> (exception, traceback summary)
+            x = x[0]
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _STORAGE_ERRNOS:
+            return True
+        failures = getattr(x, "failures", None)
+        stack += [x.__cause__, x.__context__, *(failures.values() if isinstance(failures, dict) else ())]
+    return any(text in str(e) for text in _STORAGE_TEXT)
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_STORAGE_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _saves_done(env: DistEnv, call: Callable[[], Any], stats: StatsWriter, config: HerdsmanConfig,
+                step_s: float | None, step: int = 0) -> None:
+    """Run a checkpoint call (poll, wait or save) and report what it finished; a save lost to a full or
+    read-only checkpoint file system is reported and skipped, any other failure fails the rank."""
+    try:
+        done = call()  # poll/wait: the saves that finished; save: its blocked time (nothing finished)
+    except (CheckpointError, OSError) as e:
+        if not _storage_failure(e):
+            raise
+        msg = f"checkpoint{f' of step {step}' if step else ''} failed, skipped (training goes on): " + \
+              str(e).splitlines()[0][:500]
+        _log(env, msg)
+        stats.event(TrainerPhase.CHECKPOINT_FAILED, step=getattr(e, "step", step) or step, message=msg)
+        return
+    try:
+        _report_commits(env, done if isinstance(done, list) else [], stats, config, step_s)
+    except OSError as e:  # the running save-cost figures are advice; a full disk must not fail the rank
+        if not _storage_failure(e):
+            raise
 
 
 def _report_commits(env: DistEnv, done: list, stats: StatsWriter, config: HerdsmanConfig,

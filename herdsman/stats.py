@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from herdsman.events import StepStats, TrainerEvent, TrainerPhase, to_dict
+from herdsman.layout import stats_file
 
 
 class StatsWriter:
@@ -21,7 +22,7 @@ class StatsWriter:
         self._f = None
         if stats_dir is not None:
             Path(stats_dir).mkdir(parents=True, exist_ok=True)
-            self._f = open(Path(stats_dir) / f"rank{rank:05d}-attempt{attempt:04d}.jsonl", "a", buffering=1)
+            self._f = open(stats_file(Path(stats_dir), rank, attempt), "a", buffering=1)
 
     def _write(self, kind: str, record: Any) -> None:
         if self._f is not None:
