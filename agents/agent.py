@@ -26,6 +26,7 @@ from herdsman.events import (
     EvidenceKind,
     GpuSample,
     Heartbeat,
+    Reason,
     Severity,
     StepStats,
     TrainerEvent,
@@ -210,7 +211,7 @@ class NodeAgent:
             return []
         self._maintenance_seen = text
         return [Evidence(self.host, EvidenceKind.MAINTENANCE, time.time(), f"planned maintenance: {text[:300]}",
-                         Severity.CRITICAL, attrs={"reason": "PlannedMaintenance", "cause": "host_maintenance"})]
+                         Severity.CRITICAL, attrs={"reason": Reason.PLANNED_MAINTENANCE.value, "cause": "host_maintenance"})]
 
     def straggler_scores(self) -> list[StragglerScore]:
         with self._lock:

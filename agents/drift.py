@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from herdsman.events import GpuSample, StepStats
+from herdsman.events import GpuSample, Reason, StepStats
 from agents.gpu import THERMAL_REASONS
 
 POWER_REASONS = ("sw_power_cap", "hw_power_brake")
@@ -71,13 +71,13 @@ def join(stats: StepStats, gpu: GpuSample | None) -> RankSample:
 
 def _reason(s: RankSample, peer_temps: list[float]) -> str:
     if any(r in s.throttle_reasons for r in THERMAL_REASONS):
-        return "thermal"
+        return Reason.THERMAL.value
     if any(r in s.throttle_reasons for r in POWER_REASONS):
         return "power"
     held = bool(s.sm_clock_mhz and s.max_sm_clock_mhz and s.sm_clock_mhz < 0.97 * s.max_sm_clock_mhz)
     # Hotter than its peers only explains slowness if the clock is actually down (no reason bit on some drivers).
     if held and s.temperature_c is not None and peer_temps and s.temperature_c > statistics.median(peer_temps) + 10:
-        return "thermal"
+        return Reason.THERMAL.value
     if s.sm_clock_mhz and s.max_sm_clock_mhz and s.sm_clock_mhz < 0.9 * s.max_sm_clock_mhz:
         return "clock"
     return "unknown"

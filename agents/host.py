@@ -22,7 +22,7 @@ from evidence.records import Grouper, records
 from evidence.rules import RuleSet
 from evidence.rules import default as default_rules
 from evidence.rules import load as load_ruleset
-from herdsman.events import Evidence, EvidenceKind, Severity
+from herdsman.events import Evidence, EvidenceKind, Reason, Severity
 from herdsman.taxonomy import RootCause
 
 IB_COUNTERS = ("link_downed", "link_error_recovery", "symbol_error", "port_rcv_errors", "port_xmit_discards",
@@ -213,14 +213,14 @@ class HostMonitor:
             was_up = self.snapshot.nics.get(d.name, {}).get("up")
             nics[d.name] = {"up": up, "operstate": oper, "carrier_changes": changes, **counters}
             if not up and (was_up or self._prev_counters.get(f"nic/{d.name}/seen_up")):
-                conditions[f"NicDown:{d.name}"] = (f"{d.name} operstate {oper}", RootCause.NIC.value, Severity.WARNING)
+                conditions[f"{Reason.NIC_DOWN}:{d.name}"] = (f"{d.name} operstate {oper}", RootCause.NIC.value, Severity.WARNING)
             if up:
                 self._prev_counters[f"nic/{d.name}/seen_up"] = 1
             flaps = self._counter_rise(f"nic/{d.name}/carrier_changes", changes)
             if flaps:
                 out.append(Evidence(self.host, EvidenceKind.HOST_LOG, now, f"NicFlap: {d.name} carrier changed "
                                     f"{flaps} time(s)", Severity.WARNING,
-                                    attrs={"reason": "NicFlap", "cause": "nic", "iface": d.name}))
+                                    attrs={"reason": Reason.NIC_FLAP.value, "cause": "nic", "iface": d.name}))
         self.snapshot.nics = nics
         return out
 
@@ -241,7 +241,7 @@ class HostMonitor:
                 active = "ACTIVE" in state
                 ports[name] = {"active": active, "state": state, "phys_state": phys, **counters}
                 if not active and state:
-                    conditions[f"IbPortDown:{name}"] = (f"InfiniBand {name} state {state!r}, phys {phys!r}",
+                    conditions[f"{Reason.IB_PORT_DOWN}:{name}"] = (f"InfiniBand {name} state {state!r}, phys {phys!r}",
                                                         RootCause.NIC.value, Severity.WARNING)
                 for c in IB_COUNTERS:
                     rise = self._counter_rise(f"ib/{name}/{c}", counters[c])
@@ -249,7 +249,7 @@ class HostMonitor:
                         sev = Severity.WARNING
                         out.append(Evidence(self.host, EvidenceKind.HOST_LOG, now,
                                             f"InfinibandErrors: {name} {c} +{rise}", sev,
-                                            attrs={"reason": "InfinibandErrors", "cause": "nic", "port": name,
+                                            attrs={"reason": Reason.IB_ERRORS.value, "cause": "nic", "port": name,
                                                    "counter": c, "delta": rise}))
         self.snapshot.ib_ports = ports
         return out
@@ -264,7 +264,7 @@ class HostMonitor:
             ratio = u.free / u.total if u.total else 0.0
             disks[p] = {"total": float(u.total), "free": float(u.free), "free_ratio": ratio}
             if ratio < self.min_free_ratio:
-                conditions[f"DiskPressure:{p}"] = (f"{p}: {ratio:.1%} free", "", Severity.WARNING)
+                conditions[f"{Reason.DISK_PRESSURE}:{p}"] = (f"{p}: {ratio:.1%} free", "", Severity.WARNING)
         self.snapshot.disks = disks
 
     def _conditions(self, now: float, current: dict[str, tuple[str, str, Severity]]) -> list[Evidence]:

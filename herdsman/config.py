@@ -171,6 +171,13 @@ class ControllerConfig:
     lemon_window_s: float = _f(86400.0, gt=0)
     """A host implicated lemon_threshold times within this window is kept out as a lemon."""
     lemon_threshold: int = _f(3, ge=1)
+    lemon_factor: float = _f(15.0, ge=1)
+    """The lemon hypothesis: a lemon fails this many times as often as a normal host ..."""
+    lemon_warning_factor: float = _f(5.0, ge=1)
+    """... and shows precursors (correctable ECC bursts, PCIe replays, link flaps) this many times as often."""
+    lemon_prior_share: float = _f(0.02, gt=0, lt=1)
+    """Share of lemons expected in the fleet. A host is flagged at 9:1 posterior odds of being one (see
+    orchestrator/policy.py, LemonDetector)."""
     drain_timeout_s: float = 120.0
     """How long a drain waits for the fresh checkpoint before taking the host out anyway."""
     hang_timeout_s: float = _f(120.0, gt=0)

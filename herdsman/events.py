@@ -43,6 +43,29 @@ class EvidenceKind(str, enum.Enum):
     SDC = "sdc"  # silent data corruption: a checksum mismatch or an unexplained loss spike
 
 
+class Reason(str, enum.Enum):
+    """Names in Evidence.attrs["reason"] that agents write and the controller's diagnosis reads."""
+
+    AGENT_SILENT = "AgentSilent"  # the controller heard nothing from a host of the job for the heartbeat window
+    NIC_DOWN = "NicDown"  # a NIC's operstate is down (sysfs)
+    NIC_FLAP = "NicFlap"  # a NIC's carrier changed since the last look
+    NIC_LINK_DOWN = "NicLinkDown"  # a kernel-log rule: link down
+    IB_PORT_DOWN = "IbPortDown"  # an InfiniBand port not ACTIVE / LinkUp (sysfs)
+    IB_PORT_DOWN_LOG = "InfinibandPortDown"  # a kernel-log rule: port down
+    IB_ERRORS = "InfinibandErrors"  # InfiniBand error counters rose; attrs["counter"] says which
+    DISK_PRESSURE = "DiskPressure"  # the checkpoint file system is nearly full
+    PLANNED_MAINTENANCE = "PlannedMaintenance"  # a drain notice from the scheduler or the provider
+    THERMAL = "thermal"  # a straggler slowed by heat (attrs of STRAGGLER evidence)
+
+    def __str__(self) -> str:  # written into attrs as the plain name
+        return self.value
+
+
+LINK_DOWN = frozenset({Reason.NIC_DOWN, Reason.IB_PORT_DOWN, Reason.NIC_LINK_DOWN, Reason.IB_PORT_DOWN_LOG,
+                       Reason.IB_ERRORS})
+AGENT_SILENT = Reason.AGENT_SILENT.value
+
+
 class TrainerPhase(str, enum.Enum):
     STARTED = "started"  # process up, before rendezvous
     RENDEZVOUS = "rendezvous"  # process group formed

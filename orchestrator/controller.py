@@ -13,86 +13,79 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
-from herdsman import RAY_NAMESPACE
 from herdsman import layout
 from herdsman.config import HerdsmanConfig, to_toml
-from herdsman.secrets import write_private
 from herdsman.events import (
+    AGENT_SILENT,
     AgentReport,
     Evidence,
     EvidenceKind,
     Heartbeat,
     HostState,
-    Interruption,
     Severity,
     TrainerPhase,
     Verdict,
 )
+from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
-from orchestrator.cluster import discover_hosts
 from orchestrator.diagnose import Failure, diagnose, hardware_cause
+from orchestrator.fleet import Fleet, Group, RayFleet
 from orchestrator.hangs import flight_recorder_evidence
+from orchestrator.ledger import JobLedger
 from orchestrator.operations import Operations
-from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
-from orchestrator.recovery import carry_on, recover
+from orchestrator.policy import HostPool, LemonDetector
+from orchestrator.recovery import Recovered, recover
+from orchestrator.responder import FailureResponder
+from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
+    ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, State, Stopped, legal)
 from orchestrator.store import Store
 from orchestrator.store_writer import StoreWriter
-from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
-    ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, Stopped)
-from orchestrator.workers import GroupStatus, WorkerGroup, close_actor
 
 log = logging.getLogger("herdsman.controller")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Controller(Operations):
-    """The control loop; the views and operator actions it serves are in orchestrator/operations.py."""
+    """The control loop; the views and operator actions it serves are in orchestrator/operations.py.
 
-    def __init__(self, config: HerdsmanConfig):
+    Its parts are injected: the store, the fleet (hosts, agents, worker groups: RayFleet by default), the failure
+    responder and the clock, so a test steps it one `tick()` at a time with fakes (tests/test_controller.py).
+    """
+
+    def __init__(self, config: HerdsmanConfig, *, store: Store | None = None, fleet: Fleet | None = None,
+                 responder: FailureResponder | None = None, clock: Callable[[], float] = time.time):
         self.cfg = config
+        self.clock = clock
         self.run_dir = Path(config.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.run_dir / "herdsman.resolved.toml"  # what the ranks read: no secret in it
         write_private(self.config_path, to_toml(replace(config, run_dir=str(self.run_dir)), redact=True))
-        self.store = Store(config.store_url)  # read here; written only through self.records
-        self.records = StoreWriter(self.store, spool=layout.store_spool(self.run_dir, config.job))
+        self.store = store or Store(config.store_url)  # read here; written only through self.records
+        self.records = StoreWriter(self.store, spool=layout.store_spool(self.run_dir, config.job), clock=clock)
         self.records.flush(timeout_s=10.0)  # what a stopped controller spooled is in before it is read back
+        self.fleet: Fleet = fleet or RayFleet(config, self.run_dir, str(PROJECT_ROOT))
         self.pool = HostPool()
         self.pool.restore(self.store.hosts())
-        self.policy = RestartPolicy(config.controller)
-        self.lemons = LemonDetector(config.controller.lemon_window_s, config.controller.lemon_threshold)
+        c = config.controller
+        self.responder = responder or FailureResponder(c, LemonDetector(
+            c.lemon_window_s, c.lemon_threshold, factor=c.lemon_factor, warning_factor=c.lemon_warning_factor,
+            prior_share=c.lemon_prior_share))
         self.lock = threading.RLock()
-        self.state: Any = Scheduling(time.time())
+        self.state: State = Scheduling(clock())
         self.decisions: deque[str] = deque(maxlen=500)
         self.evidence: deque[Evidence] = deque(maxlen=20000)
         self.heartbeats: dict[str, Heartbeat] = {}
         self.last_heard: dict[str, float] = {}  # controller clock: immune to host clock skew and queued reports
         self.nodes: dict[str, str] = {}
-        self.agents: dict[str, Any] = {}
-        self.attempt = 0
         self.previous: list[str] = []
-        self.group: WorkerGroup | None = None
-        self.rank_actors: dict[tuple[str, int], Any] = {}  # reused across attempts on the same hosts
-        self.restarts = 0
-        self.failures_without_progress = 0
+        self.group: Group | None = None
         self.verdicts: list[Verdict] = []
-        self.interruptions: dict[int, Interruption] = {}  # attempt -> its record (the views read this, not the store)
         self.attempt_started_at = 0.0
         self.returned_at: dict[str, float] = {}  # host -> when it last passed its health check back into service
-        # progress, from rank 0's reports
-        self.step_time: dict[int, tuple[int, float]] = {}  # step -> (attempt, seconds): recomputed steps count once
-        self.last_step: dict[int, int] = {}  # attempt -> last completed step
-        self.last_loss: float | None = None
-        self.last_step_at: dict[int, float] = {}  # attempt -> when its latest step completed
-        self.ckpt_at: dict[int, float] = {}  # step -> commit time
-        self.ckpt_stall_s = 0.0
-        self.resumed_at: dict[int, tuple[float, int]] = {}  # attempt -> (time, step)
-        self.pending: Interruption | None = None
-        self.started_at = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._persisted_at = 0.0
@@ -101,11 +94,40 @@ class Controller(Operations):
         self.api_url = ""
         self.recovered = recover(self.store, config.job, self.run_dir)
         if self.recovered is not None:
-            carry_on(self, self.recovered)
+            self._carry_on(self.recovered)
         else:
-            self.records.upsert_job(config.job, state="scheduling", started_at=self.started_at,
-                                  target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
-                                  last_step=0, productive_s=0.0, checkpoint_s=0.0)
+            self.ledger = JobLedger(config.job, clock())
+            self.records.upsert_job(config.job, state="scheduling", started_at=self.ledger.started_at,
+                                    target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
+                                    last_step=0, productive_s=0.0, checkpoint_s=0.0)
+
+    def _carry_on(self, r: Recovered) -> None:
+        """A restarted controller (Ray's max_restarts) picks the job up where the dead one left it.
+
+        The dead controller's rank actors died with it (Ray's ownership), so the attempt it ran is over: that is an
+        interruption of its own, unless the dead one had already recorded the attempt's failure."""
+        self.ledger = r.ledger
+        its = sorted(r.ledger.interruptions.values(), key=lambda i: i.attempt)
+        self.responder.remember(its)  # the crash-loop guard and the lemon detector remember
+        self.verdicts = [it.verdict for it in its]
+        self.previous = sorted(h for h, st in self.pool.status.items() if st.state == HostState.HEALTHY)
+        if not r.attempt_recorded:
+            now, lost = self.clock(), r.ledger.attempt
+            verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (
+                f"herdsman controller restarted during attempt {lost}; the trainer ranks it owned ended with it",),
+                Action.RESTART, "the controller itself failed (no host is blamed)")
+            it = self.ledger.interrupt(verdict, r.ledger.last_step_at.get(lost, now), now)
+            self.responder.remember([it])
+            self.verdicts.append(verdict)
+            self.records.record_interruption(it)
+        self.records.upsert_job(self.cfg.job, state="scheduling", attempt=self.ledger.attempt)
+        self._decide(f"controller restarted: carrying on job {self.cfg.job} at attempt {self.ledger.attempt}, "
+                     f"step {self.ledger.step_now}, {len(self.verdicts)} verdict(s) so far, "
+                     f"checkpoints up to step {max(self.ledger.ckpt_at) if self.ledger.ckpt_at else '-'}")
+
+    @property
+    def attempt(self) -> int:
+        return self.ledger.attempt
 
     # --- agents push here -----------------------------------------------------------------------------------
     def report_batch(self, reports: list[AgentReport]) -> None:
@@ -115,47 +137,30 @@ class Controller(Operations):
 
     def report(self, r: AgentReport) -> None:
         with self.lock:
+            now = self.clock()
             self.heartbeats[r.heartbeat.host] = r.heartbeat
-            self.last_heard[r.heartbeat.host] = time.time()
+            self.last_heard[r.heartbeat.host] = now
             self.evidence.extend(r.evidence)
+            for e in r.evidence:  # precursors: what a lemon shows between its failures
+                if e.severity == Severity.WARNING and e.host and hardware_cause(e) is not None:
+                    for h in self.responder.lemons.warn(e.host, e.time):
+                        self._quarantine_lemon(h)
             for st in r.steps:
-                if st.rank != 0:
-                    continue
-                prev = self.step_time.get(st.step)
-                if prev is None or st.attempt >= prev[0]:
-                    self.step_time[st.step] = (st.attempt, st.step_time_s)
-                self.last_step[st.attempt] = max(self.last_step.get(st.attempt, 0), st.step)
-                self.last_step_at[st.attempt] = max(self.last_step_at.get(st.attempt, 0.0), st.time)
-                self.last_loss = st.loss
+                self.ledger.step(st)
             for ev in r.trainer_events:
                 if ev.rank != 0:
                     continue
-                if ev.phase == TrainerPhase.CHECKPOINT:
-                    self.ckpt_at[ev.step] = ev.time
-                    self.ckpt_stall_s += ev.duration_s
-                elif ev.phase == TrainerPhase.CHECKPOINT_FAILED:
+                if ev.phase == TrainerPhase.CHECKPOINT_FAILED:
                     self._decide(f"attempt {ev.attempt}: {ev.message}")
-                elif ev.phase == TrainerPhase.RENDEZVOUS:
-                    self._complete_pending(ev.attempt, restarted_at=ev.time)
-                elif ev.phase == TrainerPhase.RESTORED:
-                    self.resumed_at[ev.attempt] = (ev.time, ev.step)
-                    self.last_step[ev.attempt] = max(self.last_step.get(ev.attempt, 0), ev.step)
-                    self._complete_pending(ev.attempt, resumed_at=ev.time, resumed_step=ev.step)
+                done = self.ledger.event(ev)
+                if done is not None:
+                    self.records.record_interruption(done)
 
-    def _complete_pending(self, attempt: int, **fields: Any) -> None:
-        p = self.pending
-        if p is None or attempt != p.attempt + 1:
-            return
-        p = replace(p, **fields)
-        if p.resumed_step is not None:
-            ckpt = self.ckpt_at.get(p.resumed_step, 0.0)
-            began = self.resumed_at.get(p.attempt, (self.started_at, 0))[0]
-            p = replace(p, lost_work_s=max(0.0, p.failed_at - max(ckpt, began)))
-        self.record(p)
-        if p.restarted_at is not None and p.resumed_at is not None:
-            self.pending = None
-        else:
-            self.pending = p
+    def _quarantine_lemon(self, host: str) -> None:
+        """A host found to be a lemon from its precursors: out at once if idle, else at the job's next restart."""
+        self.pool.quarantine(host, f"lemon: {self.responder.lemons.explain(host, self.clock())}", self.clock())
+        self._decide(f"quarantine {host}: lemon ({self.responder.lemons.explain(host, self.clock())})")
+        self._persist_hosts()
 
     # --- the loop -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,25 +170,33 @@ class Controller(Operations):
 
     def _run(self) -> None:
         while not self._stop.is_set() and not isinstance(self.state, TERMINAL):
-            try:
-                nxt = self._step(self.state)
-            except Exception as e:  # one bad pass must not end the loop
-                log.exception("control loop pass failed")
-                self._decide(f"control loop error: {type(e).__name__}: {e}")
-                nxt = self.state
-            if type(nxt) is not type(self.state):
-                self._decide(f"state {type(self.state).__name__} -> {type(nxt).__name__}")
-            changed = nxt is not self.state
-            self.state = nxt
-            if changed or time.time() - self._persisted_at > 5.0:
-                self._persist_progress()  # queued: a store outage cannot stop the loop here
+            changed = self.tick()
             if not changed:  # a transition is acted on at once; only waiting states poll
                 self._stop.wait(self.cfg.controller.poll_interval_s)
         self._persist_progress(final=True)
 
-    def _step(self, state: Any) -> Any:
+    def tick(self) -> bool:
+        """One pass of the loop: act on the current state, move to the next. Returns whether it changed."""
+        try:
+            nxt = self._step(self.state)
+        except Exception as e:  # one bad pass must not end the loop
+            log.exception("control loop pass failed")
+            self._decide(f"control loop error: {type(e).__name__}: {e}")
+            nxt = self.state
+        if not legal(self.state, nxt):
+            self._decide(f"refused illegal transition {self.state.name} -> {nxt.name}")
+            nxt = self.state
+        if type(nxt) is not type(self.state):
+            self._decide(f"state {type(self.state).__name__} -> {type(nxt).__name__}")
+        changed = nxt is not self.state
+        self.state = nxt
+        if changed or self.clock() - self._persisted_at > 5.0 or isinstance(nxt, TERMINAL):
+            self._persist_progress()  # queued: a store outage cannot stop the loop here
+        return changed
+
+    def _step(self, state: State) -> State:
         with self.lock:
-            self.pool.check_heartbeats(dict(self.last_heard), time.time(), self.cfg.controller.heartbeat_timeout_s)
+            self.pool.check_heartbeats(dict(self.last_heard), self.clock(), self.cfg.controller.heartbeat_timeout_s)
             self._persist_hosts()
         with self.lock:
             requests, self._requests = self._requests, []
@@ -200,37 +213,37 @@ class Controller(Operations):
         if isinstance(state, Draining):
             return self._drain(state)
         if isinstance(state, BackingOff):
-            return Scheduling(time.time()) if time.time() >= state.until else state
+            return Scheduling(self.clock()) if self.clock() >= state.until else state
         return state
 
-    def _schedule(self, state: Scheduling) -> Any:
-        self.nodes = discover_hosts()
+    def _schedule(self, state: Scheduling) -> State:
+        self.nodes = self.fleet.discover()
         with self.lock:
-            self.pool.sync(list(self.nodes))
+            self.pool.sync(list(self.nodes), self.clock())
+            for h in self.nodes:
+                self.responder.lemons.enroll(h, self.clock())
             self._persist_hosts()
-        self._ensure_agents()
+        self.fleet.ensure_agents(self.nodes, self.cfg.job, self._decide)
         n = self.cfg.cluster.worker_hosts
         hosts = self.pool.place(n, self.previous)
         if hosts is None:
-            if time.time() - state.since > 60:
+            if self.clock() - state.since > 60:
                 return Stopped(f"not enough healthy hosts: need {n}, have {len(self.pool.usable())}")
             return state
-        self.pool.activate(hosts)
+        self.pool.activate(hosts, self.clock())
         self._persist_hosts()
         env = {layout.ENV_CONFIG: str(self.config_path)}
-        if self.ckpt_at:  # never silently train from scratch once a checkpoint exists
+        if self.ledger.ckpt_at:  # never silently train from scratch once a checkpoint exists
             env[layout.ENV_RESUME] = layout.RESUME_REQUIRED
-        group = WorkerGroup([(h, self.nodes[h]) for h in hosts], self.cfg.trainer.ranks_per_host, self.attempt,
-                            env, self.run_dir, self.cfg.job, str(PROJECT_ROOT), self.rank_actors,
-                            self.cfg.controller.warm_standby)
-        self.group, self.previous = group, hosts
-        self.attempt_started_at = time.time()
-        self._decide(f"attempt {self.attempt}: starting {group.world_size} ranks on {', '.join(hosts)}")
-        group.start()
+        self.attempt_started_at = self.clock()
+        self._decide(f"attempt {self.attempt}: starting {n * self.cfg.trainer.ranks_per_host} ranks on "
+                     f"{', '.join(hosts)}")
+        self.group = self.fleet.start_group([(h, self.nodes[h]) for h in hosts], self.attempt, env)
+        self.previous = hosts
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
-        return Running(group, time.time())
+        return Running(self.group, self.clock())
 
-    def _watch(self, state: Running) -> Any:
+    def _watch(self, state: Running) -> State:
         status = state.group.poll()
         if status.finished:
             state.group.shutdown()  # the job is over: no actor is kept
@@ -241,15 +254,14 @@ class Controller(Operations):
             return Failing(state.group, since)
         silent = [h for h in state.group.hosts if self.pool.state(h) == HostState.UNREACHABLE]
         if silent:
-            now = time.time()
+            now, window = self.clock(), self.cfg.controller.heartbeat_timeout_s
             with self.lock:
                 for h in silent:
                     self.evidence.append(Evidence(h, EvidenceKind.TRAINER_EXIT, now,
-                                                  f"agent silent for more than {self.cfg.controller.heartbeat_timeout_s:.0f} s",
-                                                  Severity.WARNING, attrs={"reason": "AgentSilent"}))
+                                                  f"agent silent for more than {window:.0f} s", Severity.WARNING,
+                                                  attrs={"reason": AGENT_SILENT}))
                 for h in silent:  # out until an operator returns it after a health check
-                    self.pool.quarantine(h, f"silent for more than {self.cfg.controller.heartbeat_timeout_s:.0f} s "
-                                            "while in the job")
+                    self.pool.quarantine(h, f"silent for more than {window:.0f} s while in the job", now)
                 self._persist_hosts()
             self._decide(f"{', '.join(silent)} unreachable: restarting without {'it' if len(silent) == 1 else 'them'}")
             return Failing(state.group, now)
@@ -257,21 +269,21 @@ class Controller(Operations):
         if drain is not None:
             self._decide(f"drain {list(drain.hosts)} after a fresh checkpoint: {drain.reason}")
             state.group.request_checkpoint(then_exit=True)
-            now = time.time()
+            now = self.clock()
             return Draining(state.group, drain, now, now + self.cfg.controller.drain_timeout_s)
         with self.lock:
-            stepped = self.attempt in self.last_step_at
-            progress = max(state.started_at, self.last_step_at.get(self.attempt, 0.0))
-        c = self.cfg.controller
-        if time.time() - progress > (c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)):
-            self._decide(f"no step completed for {time.time() - progress:.0f} s with every rank alive: a hang")
+            stepped = self.ledger.stepped()
+            progress = max(state.started_at, self.ledger.last_progress())
+        c, now = self.cfg.controller, self.clock()
+        if now - progress > (c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)):
+            self._decide(f"no step completed for {now - progress:.0f} s with every rank alive: a hang")
             return Failing(state.group, progress, hang=True)
         return state
 
-    def _failure_time(self, status: GroupStatus, state: Running) -> float | None:
-        times = [r.ended_at or time.time() for r in status.failed]
+    def _failure_time(self, status: Any, state: Running) -> float | None:
+        times = [r.ended_at or self.clock() for r in status.failed]
         if status.unreachable:
-            times.append(time.time())
+            times.append(self.clock())
         with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet
             times += [e.time for e in self.evidence
                       if e.time >= state.started_at and e.host in state.group.hosts
@@ -294,45 +306,39 @@ class Controller(Operations):
                        tuple(e.line() for e in chosen)[:4], cause.facts.action,
                        "planned maintenance" if maint else "a GPU held down by heat is slowing the job")
 
-    def _drain(self, state: Draining) -> Any:
+    def _drain(self, state: Draining) -> State:
         status = state.group.poll()
         if status.failed or status.unreachable:  # the drain became a failure: diagnose it as one
-            return Failing(state.group, min([r.ended_at or time.time() for r in status.failed] or [time.time()]))
+            return Failing(state.group, min([r.ended_at or self.clock() for r in status.failed] or [self.clock()]))
         with self.lock:
-            fresh = [step for step, t in self.ckpt_at.items() if t >= state.requested_at]
-        if not (fresh and status.finished) and time.time() < state.deadline:
+            fresh = [step for step, t in self.ledger.ckpt_at.items() if t >= state.requested_at]
+        if not (fresh and status.finished) and self.clock() < state.deadline:
             return state  # until the ranks have saved and exited
         v = state.verdict
         self._decide(f"drained {list(v.hosts)}: " + (f"checkpoint at step {max(fresh)}" if fresh else
                                                      "no fresh checkpoint before the deadline"))
         state.group.shutdown(keep_hosts=[h for h in state.group.hosts if h not in v.hosts])
         with self.lock:
-            for h in v.hosts:
-                self.pool.quarantine(h, f"{v.cause.value}: {v.evidence[0] if v.evidence else v.reason}")
+            self.responder.drain(v, self.pool, self.clock())
             self._persist_hosts()
-            it = Interruption(self.cfg.job, self.attempt, v, state.requested_at, state.requested_at,
-                              last_step=self.last_step.get(self.attempt, 0),
-                              planned=v.cause == RootCause.HOST_MAINTENANCE)
-            self.record(it)
-            self.pending = it
-            self.verdicts.append(v)
-        self.attempt += 1
-        return Scheduling(time.time())
+            self._interrupt(v, state.requested_at, state.requested_at, planned=v.cause == RootCause.HOST_MAINTENANCE)
+        return Scheduling(self.clock())
 
-    def _handle_failure(self, state: Failing) -> Any:
+    def _handle_failure(self, state: Failing) -> State:
         group = state.group
         status = group.poll()
         all_done = all(r.exit_code is not None for r in status.ranks)
-        if not state.hang and time.time() < state.since + self.cfg.controller.failure_grace_s and not all_done:
+        if not state.hang and self.clock() < state.since + self.cfg.controller.failure_grace_s and not all_done:
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.
         stuck = not all_done and (state.hang or bool(status.failed))
-        hang_evidence = flight_recorder_evidence(self.agents, group, group.request_dumps() if stuck else [], state.hang,
+        hang_evidence = flight_recorder_evidence(self.fleet, group, group.request_dumps() if stuck else [], state.hang,
                                                  self.cfg.controller.dump_wait_s, self._decide)
-        self._gather(group.hosts)
+        for r in self.fleet.gather(group.hosts, self._decide):
+            self.report(r)
         status = group.poll()  # ranks that ended while dumps and evidence were gathered say why, too
-        now = time.time()
+        now = self.clock()
         failure = Failure(state.since, tuple(status.failures(now)), tuple(group.hosts))
         window = state.since - self.cfg.controller.evidence_window_s
         with self.lock:
@@ -341,42 +347,25 @@ class Controller(Operations):
             evidence = [e for e in self.evidence if window <= e.time <= now and e.time > self.returned_at.get(e.host, 0)
                         and (e.kind not in ATTEMPT_EVIDENCE or e.time >= self.attempt_started_at)]
         verdict = diagnose(failure, evidence)
-        detected_at = time.time()
+        detected_at = self.clock()
         self._decide(f"verdict {verdict.cause.value} ({verdict.confidence:.2f}) hosts={list(verdict.hosts)} "
                      f"ranks={list(verdict.ranks)}: {verdict.reason}")
         for line in verdict.evidence:
             self._decide(f"  evidence: {line}")
-        progressed = self.last_step.get(self.attempt, 0) > self.resumed_at.get(self.attempt, (0, 0))[1]
-        self.failures_without_progress = 0 if progressed else self.failures_without_progress + 1
-        decision = self.policy.decide(verdict, self.verdicts, self.restarts, self.failures_without_progress)
-        self.verdicts.append(verdict)
-        lemons = [h for h in self.lemons.implicate(verdict) if h not in decision.evict]
-        group.shutdown(keep_hosts=[h for h in group.hosts if h not in decision.evict and h not in lemons])
-        self._decide(f"decision {decision.action.value}: {decision.reason}")
         with self.lock:
-            for h in decision.evict:
-                self.pool.quarantine(h, f"{verdict.cause.value}: {verdict.evidence[0] if verdict.evidence else ''}")
-            for h in lemons:
-                reason = (f"lemon: implicated {self.lemons.count(h)} times within "
-                          f"{self.cfg.controller.lemon_window_s:.0f} s")
-                self.pool.quarantine(h, reason)
-                self._decide(f"quarantine {h}: {reason}")
-            if verdict.cause in (RootCause.UNKNOWN, RootCause.NCCL_WATCHDOG_TIMEOUT):
-                for h in verdict.hosts:
-                    self.pool.suspect(h, "implicated in an unexplained failure")
+            response = self.responder.respond(verdict, self.ledger.progressed(), self.pool, detected_at)
             self._persist_hosts()
-            it = Interruption(self.cfg.job, self.attempt, verdict, state.since, detected_at,
-                              last_step=self.last_step.get(self.attempt, 0),
-                              planned=verdict.cause == RootCause.HOST_MAINTENANCE)
-            self.record(it)
-            self.pending = it
-        if decision.action == Action.STOP:
-            return Stopped(decision.reason)
-        self.restarts += 1
-        self.attempt += 1
-        return BackingOff(time.time() + decision.backoff_s)
+        group.shutdown(keep_hosts=[h for h in group.hosts if h not in response.out])
+        self._decide(f"decision {response.action.value}: {response.reason}")
+        for h in response.lemons:
+            self._decide(f"quarantine {h}: {self.pool.status[h].reason}")
+        with self.lock:
+            self._interrupt(verdict, state.since, detected_at, planned=verdict.cause == RootCause.HOST_MAINTENANCE)
+        if response.page:
+            return Stopped(response.reason)
+        return BackingOff(self.clock() + response.backoff_s)
 
-    def _operator(self, kind: str, reason: str, state: Any) -> Any:
+    def _operator(self, kind: str, reason: str, state: State) -> State:
         """An operator's restart or stop, carried out by the loop (the API only queues it)."""
         group = state.group if isinstance(state, (Running, Failing, Draining)) else None
         if kind == "stop":
@@ -387,64 +376,27 @@ class Controller(Operations):
         if group is None:
             self._decide(f"operator restart ignored: no trainer is running ({reason})")
             return state
-        now = time.time()
+        now = self.clock()
         self._decide(f"operator restart: {reason}")
         usable = self.pool.usable()
         group.shutdown(keep_hosts=[h for h in group.hosts if h in usable])
         verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (f"operator: {reason}",), Action.RESTART,
                           f"restart requested by an operator: {reason}")
-        it = Interruption(self.cfg.job, self.attempt, verdict, now, now, last_step=self.last_step.get(self.attempt, 0),
-                          planned=True)
         with self.lock:
-            self.record(it)
-            self.pending = it
-        self.attempt += 1
-        return Scheduling(time.time())
-
-    def _gather(self, hosts: list[str]) -> None:
-        """Pull a fresh report from the agents of the failing job, not waiting for their next heartbeat."""
-        refs = {h: self.agents[h].collect_now.remote() for h in hosts if h in self.agents}
-        for h, ref in refs.items():
-            try:
-                self.report(ray.get(ref, timeout=3))
-            except Exception as e:
-                self._decide(f"agent on {h} did not answer: {type(e).__name__}")
-
-    def _ensure_agents(self) -> None:
-        """An agent on every host; one that died (or never answers) is replaced."""
-        from agents.ray_agent import AgentActor, agent_name
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        def create(host: str, node_id: str) -> Any:
-            return AgentActor.options(  # a crashed agent is started again, like a DaemonSet's pod
-                name=agent_name(host), namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached",
-                max_restarts=-1,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(host, self.cfg)
-
-        for host, node_id in self.nodes.items():
-            if host not in self.agents:
-                self.agents[host] = create(host, node_id)
-        refs = {h: a.ready.remote(self.cfg.job) for h, a in self.agents.items() if h in self.nodes}
-        for host, ref in refs.items():
-            try:
-                ray.get(ref, timeout=60)
-            except Exception as e:
-                self._decide(f"agent on {host} is gone ({type(e).__name__}): starting a new one")
-                self.agents[host] = create(host, self.nodes[host])
+            self.records.record_interruption(self.ledger.interrupt(verdict, now, now, planned=True))
+        return Scheduling(self.clock())
 
     # --- records ------------------------------------------------------------------------------------------
+    def _interrupt(self, verdict: Verdict, failed_at: float, detected_at: float, planned: bool) -> None:
+        """The attempt ended for `verdict`: into the ledger and the store (the next attempt begins)."""
+        self.verdicts.append(verdict)
+        self.records.record_interruption(self.ledger.interrupt(verdict, failed_at, detected_at, planned))
+
     def _decide(self, line: str) -> None:
-        now = time.time()
+        now = self.clock()
         entry = f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d} {line}"
         self.decisions.append(entry)
         log.info(line)
-
-    def record(self, it: Interruption) -> None:
-        """Keep an interruption (a newer record of the same attempt replaces the older) and queue its write."""
-        with self.lock:
-            self.interruptions[it.attempt] = it
-        self.records.record_interruption(it)
 
     def _persist_hosts(self) -> None:
         for st in self.pool.changes:
@@ -452,19 +404,18 @@ class Controller(Operations):
         self.pool.changes.clear()
 
     def _persist_progress(self, final: bool = False) -> None:
-        self._persisted_at = time.time()
+        self._persisted_at = self.clock()
         with self.lock:
-            last = max(self.step_time) if self.step_time else 0
-        fields: dict[str, Any] = dict(last_step=last, productive_s=self.productive_s(), checkpoint_s=self.ckpt_stall_s)
+            fields: dict[str, Any] = dict(last_step=self.ledger.step_now, productive_s=self.ledger.productive_s,
+                                          checkpoint_s=self.ledger.ckpt_stall_s)
         if final or isinstance(self.state, TERMINAL):
-            fields.update(state="finished" if isinstance(self.state, Finished) else "stopped", ended_at=time.time(),
-                          message=getattr(self.state, "reason", ""))
+            fields.update(state="finished" if isinstance(self.state, Finished) else "stopped",
+                          ended_at=self.clock(), message=getattr(self.state, "reason", ""))
         self.records.upsert_job(self.cfg.job, **fields)
 
     def productive_s(self) -> float:
-        """Kept step time: each step once, in the attempt that kept it."""
         with self.lock:
-            return sum(t for _, t in self.step_time.values())
+            return self.ledger.productive_s
 
     def done(self) -> bool:
         return isinstance(self.state, TERMINAL)
@@ -477,20 +428,22 @@ class Controller(Operations):
             self._thread.join(timeout=30)
         if self.group is not None:
             self.group.shutdown()
-        for a in self.rank_actors.values():
-            close_actor(a)
-        self.rank_actors.clear()
-        for a in self.agents.values():
-            try:
-                ray.get(a.stop.remote(), timeout=5)
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
-        self.agents.clear()
+        self.fleet.close()
         spooled = self.records.close(timeout_s=15.0)
         if spooled:
-            self._decide(f"store unavailable at shutdown: {spooled} record(s) spooled for the next controller")
+            log.error("store unavailable at shutdown: %d record(s) spooled for the next controller", spooled)
         self.store.close()
 
 
-ControllerActor = ray.remote(num_cpus=0, max_concurrency=16)(Controller)
+class _RayController(Controller):
+    """The controller as a Ray actor. Ray re-runs only the constructor of a restarted one: it serves and loops
+    again at once, without waiting for the launcher."""
+
+    def __init__(self, config: HerdsmanConfig):
+        super().__init__(config)
+        if self.recovered is not None:
+            self.start_api()
+            self.start()
+
+
+ControllerActor = ray.remote(num_cpus=0, max_concurrency=16)(_RayController)

@@ -21,7 +21,8 @@ from typing import Sequence
 
 from evidence.engine import text_evidence
 from evidence.rules import Strength
-from herdsman.events import Evidence, EvidenceKind, RankFailure, Severity, Verdict
+from herdsman.events import LINK_DOWN as LINK_DOWN_REASONS
+from herdsman.events import Evidence, EvidenceKind, RankFailure, Reason, Severity, Verdict
 from herdsman.taxonomy import RootCause
 from herdsman.xid import lookup as xid_lookup
 
@@ -36,7 +37,7 @@ class Failure:
 
 
 # Evidence from the agents' own probes (sysfs links, NVML) that a link went down: not a flap that recovered.
-LINK_DOWN = {"NicDown", "IbPortDown", "NicLinkDown", "InfinibandPortDown", "InfinibandErrors"}
+LINK_DOWN = {r.value for r in LINK_DOWN_REASONS}
 
 _ECC_CAUSE = {"dram": RootCause.GPU_HBM3_MEMORY, "sram": RootCause.GPU_SRAM_MEMORY}
 _NOT_HARDWARE = (EvidenceKind.MAINTENANCE, EvidenceKind.SDC, EvidenceKind.NETWORK, EvidenceKind.TRAINER_HANG,
@@ -74,7 +75,7 @@ def candidate(e: Evidence) -> tuple[RootCause, Strength] | None:
         return RootCause.FAULTY_GPU, d
     if e.kind == EvidenceKind.GPU_THERMAL:
         return RootCause.GPU_THERMAL_INTERFACE_SENSOR, d
-    if e.kind == EvidenceKind.STRAGGLER and e.attrs.get("reason") == "thermal":
+    if e.kind == EvidenceKind.STRAGGLER and e.attrs.get("reason") == Reason.THERMAL:
         return RootCause.GPU_THERMAL_INTERFACE_SENSOR, d
     if e.kind == EvidenceKind.GPU_ECC and e.severity == Severity.CRITICAL and "memory" in e.attrs:
         c = _ECC_CAUSE.get(str(e.attrs.get("memory")))
@@ -88,7 +89,7 @@ def candidate(e: Evidence) -> tuple[RootCause, Strength] | None:
     if e.kind == EvidenceKind.NETWORK:
         return RootCause.NETWORK_SWITCH_CABLE, Strength.SUPPORTS
     if (e.kind == EvidenceKind.HOST_LOG and e.attrs.get("reason") in LINK_DOWN and not e.attrs.get("cleared")
-            and (e.attrs.get("reason") != "InfinibandErrors" or e.attrs.get("counter") == "link_downed")):
+            and (e.attrs.get("reason") != Reason.IB_ERRORS or e.attrs.get("counter") == "link_downed")):
         return RootCause.NIC, d
     if e.severity == Severity.CRITICAL and e.attrs.get("cause") and e.kind not in _NOT_HARDWARE:
         try:
@@ -147,7 +148,7 @@ def diagnose(failure: Failure, evidence: Sequence[Evidence]) -> Verdict:
             break
 
     # A host that stopped reporting, or a rank that vanished (killed, or exited without saying why).
-    silent = [e for e in evidence if e.attrs.get("reason") == "AgentSilent"]
+    silent = [e for e in evidence if e.attrs.get("reason") == Reason.AGENT_SILENT]
     if silent:
         return _with_alternatives(_blame(RootCause.UNKNOWN, 0.5, [_Cand(RootCause.UNKNOWN, Strength.SUPPORTS, e)
                                                                    for e in silent], failure,

@@ -4,16 +4,14 @@ every rank's dump through the agents, and name the ranks that never joined the s
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
-import ray
-
-from herdsman.events import Evidence, EvidenceKind, Severity
 from agents.flight_recorder import analyse as analyse_fr
-from orchestrator.workers import WorkerGroup
+from herdsman.events import Evidence, EvidenceKind, Severity
+from orchestrator.fleet import Fleet, Group
 
 
-def flight_recorder_evidence(agents: dict[str, Any], group: WorkerGroup, asked: list[int], hang: bool,
+def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang: bool,
                              wait_s: float, decide: Callable[[str], None]) -> list[Evidence]:
     """Collect this attempt's flight-recorder dumps from the agents (after asking live ranks for theirs) and
     turn the analysis into evidence naming the ranks that never joined the stuck collective.
@@ -23,35 +21,39 @@ def flight_recorder_evidence(agents: dict[str, Any], group: WorkerGroup, asked: 
     if asked:
         decide(f"asked live ranks {asked} for their flight-recorder dumps")
     deadline = time.time() + (wait_s if asked else 0.0)
-    hosts = [h for h in group.hosts if h in agents]
+    hosts = [h for h in group.hosts if fleet.has_agent(h)]
     while True:
-        summaries, refused = [], []
-        refs = {h: agents[h].flight_recorder.remote(group.attempt) for h in hosts}
-        for h, ref in refs.items():
-            try:
-                s, r = ray.get(ref, timeout=5)
-                summaries += s
-                refused += r
-            except Exception as e:
-                decide(f"flight recorder of {h} unavailable: {type(e).__name__}")
-                hosts.remove(h)  # not asked again
+        summaries, refused, silent = fleet.flight_recorder(hosts, group.attempt, decide)
+        hosts = [h for h in hosts if h not in silent]  # not asked again
         have = {s.rank for s in summaries}
-        if all(r in have for r in asked) or time.time() >= deadline:
+        if all(r in have for r in asked) or time.time() >= deadline or not hosts:
             break
         time.sleep(0.2)
     if not summaries and not refused:
         return []
+    now = time.time()
+    try:
+        out = _lagging_evidence(summaries, refused, group, asked, hang, decide, now)
+    except Exception as e:  # noqa: BLE001 -- a damaged dump must not break this poll, nor every later one
+        decide(f"  flight recorder: analysis failed: {type(e).__name__}")
+        out = [Evidence("", EvidenceKind.TRAINER_HANG, now, f"flight-recorder analysis failed: {type(e).__name__}",
+                        Severity.WARNING, attrs={"analysis_failed": True})]
+    for r in refused:
+        out.append(Evidence("", EvidenceKind.TRAINER_HANG, now, f"refused flight-recorder dump: {r}",
+                            Severity.WARNING, attrs={"refused": True}))
+    return out
+
+
+def _lagging_evidence(summaries: list, refused: list[str], group: Group, asked: list[int], hang: bool,
+                      decide: Callable[[str], None], now: float) -> list[Evidence]:
     analysis = analyse_fr(summaries, group.world_size, refused)
     for line in analysis.lines():
         decide(f"  flight recorder: {line}")
-    now, out = time.time(), []
+    out = []
     for rank in analysis.lagging:
         if not (hang or rank in asked):
             continue
         out.append(Evidence(group.rank_hosts[rank], EvidenceKind.TRAINER_HANG, now,
                             f"rank {rank} never joined: " + "; ".join(s.line() for s in analysis.stuck),
                             Severity.WARNING, rank=rank, attrs={"lagging": list(analysis.lagging)}))
-    for r in refused:
-        out.append(Evidence("", EvidenceKind.TRAINER_HANG, now, f"refused flight-recorder dump: {r}",
-                            Severity.WARNING, attrs={"refused": True}))
     return out

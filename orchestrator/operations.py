@@ -5,11 +5,7 @@ A mixin of Controller: it works on the controller's state under its lock."""
 from __future__ import annotations
 
 import os
-
-import time
 from typing import Any
-
-import ray
 
 from herdsman import HerdsmanError
 from herdsman.events import EvidenceKind, to_dict
@@ -34,15 +30,15 @@ class Operations:
             return {
                 "state": type(self.state).__name__.lower(),
                 "reason": getattr(self.state, "reason", ""),
-                "attempt": self.attempt,
-                "step": max(self.step_time) if self.step_time else 0,
+                "attempt": self.ledger.attempt,
+                "step": self.ledger.step_now,
                 "target_step": self.cfg.trainer.steps,
-                "loss": self.last_loss,
+                "loss": self.ledger.last_loss,
                 "hosts": {h: st.state.value for h, st in sorted(self.pool.status.items())},
                 "placement": list(self.group.rank_hosts) if self.group else [],
                 "verdicts": [to_dict(v) for v in self.verdicts],
                 "decisions": list(self.decisions),
-                "checkpoints": sorted(self.ckpt_at.items()),  # (step, commit time of its latest save)
+                "checkpoints": sorted(self.ledger.ckpt_at.items()),  # (step, commit time of its latest save)
                 "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
                 "api_url": self.api_url,
                 "store": self.records.view(),
@@ -52,15 +48,16 @@ class Operations:
 
     def _progress_view(self) -> dict[str, Any]:
         """ETTR so far (kept step time over wall time), the latest step time, the age of the latest checkpoint."""
-        now = time.time()
-        productive = self.productive_s()
+        now = self.clock()
         with self.lock:
-            last = self.step_time[max(self.step_time)][1] if self.step_time else None
-            ckpt = max(self.ckpt_at.values()) if self.ckpt_at else None
-        wall = now - self.started_at
+            led = self.ledger
+            productive = led.productive_s
+            last = led.step_time[led.step_now][1] if led.step_time else None
+            ckpt = max(led.ckpt_at.values()) if led.ckpt_at else None
+        wall = now - led.started_at
         return {"job": self.cfg.job, "ettr": productive / wall if wall > 0 else None, "step_time_s": last,
                 "since_checkpoint_s": None if ckpt is None else now - ckpt, "wall_s": wall,
-                "productive_s": productive, "checkpoint_s": self.ckpt_stall_s}
+                "productive_s": productive, "checkpoint_s": led.ckpt_stall_s}
 
     def gpus_view(self) -> dict[str, Any]:
         """Every GPU's latest reading (from the heartbeats) and the straggler evidence of the last 10 minutes."""
@@ -69,14 +66,14 @@ class Operations:
                      "max_sm_clock_mhz": g.max_sm_clock_mhz, "throttle_reasons": list(g.throttle_reasons),
                      "utilization_pct": g.utilization_pct}
                     for h, hb in sorted(self.heartbeats.items()) for g in hb.gpus]
-            since = time.time() - 600
+            since = self.clock() - 600
             stragglers = [e.line() for e in self.evidence if e.kind == EvidenceKind.STRAGGLER and e.time >= since]
         return {"gpus": gpus, "stragglers": stragglers[-20:]}
 
     def inject_gpu_fault(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:
-        if host not in self.agents:
+        if not self.fleet.has_agent(host):
             raise HerdsmanError(f"no agent on host {host!r}")
-        line = ray.get(self.agents[host].inject.remote(fault, gpu, **args), timeout=10)
+        line = self.fleet.inject(host, fault, gpu, **args)
         self._decide(f"injected on {host}: {line}")
         return line
 
@@ -106,7 +103,7 @@ class Operations:
     def interruptions_view(self) -> list[dict[str, Any]]:
         out = []
         with self.lock:
-            its = sorted(self.interruptions.values(), key=lambda it: it.failed_at)
+            its = sorted(self.ledger.interruptions.values(), key=lambda it: it.failed_at)
         for it in its:
             out.append({"attempt": it.attempt, "cause": it.verdict.cause.value, "planned": it.planned,
                         "verdict": to_dict(it.verdict), "failed_at": it.failed_at, "detection_s": it.detection_s,
@@ -119,7 +116,7 @@ class Operations:
         with self.lock:
             if host not in self.pool.status:
                 raise HerdsmanError(f"no host named {host!r}")
-            self.pool.quarantine(host, f"operator: {reason}")
+            self.pool.quarantine(host, f"operator: {reason}", self.clock())
             self._persist_hosts()
             self._decide(f"operator quarantined {host}: {reason}")
             if self.group is not None and host in self.group.hosts and not self.done():
@@ -139,15 +136,16 @@ class Operations:
 
     def return_to_service(self, host: str) -> list[str]:
         """Run the host's health check; if it passes the host becomes a spare. Returns the problems found."""
-        if host not in self.agents:
+        if not self.fleet.has_agent(host):
             raise HerdsmanError(f"no agent on host {host!r}")
-        problems = ray.get(self.agents[host].health_check.remote(), timeout=30)
+        problems = self.fleet.health_check(host)
         with self.lock:
             if problems:
                 self._decide(f"{host} stays out of service: {'; '.join(problems)}")
             else:
-                self.pool.return_to_service(host, "health check passed")
-                self.returned_at[host] = time.time()
+                now = self.clock()
+                self.pool.return_to_service(host, "health check passed", now)
+                self.returned_at[host] = now
                 self._decide(f"{host} returned to service after a passed health check")
             self._persist_hosts()
         return problems
@@ -156,4 +154,4 @@ class Operations:
         if self.group is None:
             raise HerdsmanError("no trainer is running")
         self.group.kill(rank)
-        return time.time()
+        return self.clock()

@@ -5,6 +5,7 @@ Injected into the controller (and, later, the simulator) as plain objects; each 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import deque
@@ -45,14 +46,15 @@ class HostPool:
         for st in statuses:
             self.status[st.host] = st
 
-    def sync(self, alive: list[str]) -> None:
+    def sync(self, alive: list[str], now: float | None = None) -> None:
+        alive_set = set(alive)
         for h in alive:
             st = self.status.get(h)
             if st is None or st.state == HostState.UNREACHABLE:
-                self._set(h, HostState.SPARE, "joined the cluster")
+                self._set(h, HostState.SPARE, "joined the cluster", now)
         for h, st in list(self.status.items()):
-            if h not in alive and st.state not in (HostState.QUARANTINED, HostState.UNREACHABLE):
-                self._set(h, HostState.UNREACHABLE, "no longer in the Ray cluster")
+            if h not in alive_set and st.state not in (HostState.QUARANTINED, HostState.UNREACHABLE):
+                self._set(h, HostState.UNREACHABLE, "no longer in the cluster", now)
 
     def check_heartbeats(self, last_seen: dict[str, float], now: float, timeout_s: float) -> None:
         """A host whose agent has been silent past the window is unreachable; one that speaks again is back.
@@ -100,9 +102,11 @@ class HostPool:
         if host in self.status:
             self._set(host, HostState.SPARE, reason, now)
 
-    def suspect(self, host: str, reason: str) -> None:
+    def suspect(self, host: str, reason: str, now: float | None = None) -> bool:
         if self.status.get(host) and self.status[host].state in (HostState.HEALTHY, HostState.SPARE):
-            self._set(host, HostState.SUSPECT, reason)
+            self._set(host, HostState.SUSPECT, reason, now)
+            return True
+        return False
 
     def state(self, host: str) -> HostState | None:
         st = self.status.get(host)
@@ -146,29 +150,108 @@ def signature(v: Verdict) -> tuple:
 
 
 class LemonDetector:
-    """A host implicated `threshold` times within `window_s` is a lemon: kept out even if each event alone looked
-    transient (an unknown failure, a hang it lagged in, a flap)."""
+    """Finds lemons: hosts that fail far more often than the fleet, though each failure alone looked transient.
+
+    Two rules, either flags a host:
+    - count: implicated `threshold` times within `window_s` (works from the first host; the rule of thumb);
+    - evidence: a sequential likelihood-ratio test over the host's whole record since it last came back into
+      service, once the fleet is large enough to estimate its own rates. Each failure weighs ln(factor), each
+      precursor (a correctable ECC burst, a PCIe replay, a link flap, a recoverable Xid: `warn`) ln(warning_factor),
+      and every hour without either pays back what a lemon would have shown in it. A host is flagged when its
+      posterior odds of being a lemon reach `odds` (9: 90% precision if the hypothesis holds). Rates are the
+      fleet's own (events over host-time), so the test needs no tuning per fleet; the factors and the prior
+      share are the hypothesis, stated in the config.
+    """
 
     IGNORED = (RootCause.SOFTWARE_BUG, RootCause.DEPENDENCY, RootCause.HOST_MAINTENANCE)
 
-    def __init__(self, window_s: float, threshold: int):
+    def __init__(self, window_s: float, threshold: int, *, factor: float = 15.0, warning_factor: float = 5.0,
+                 prior_share: float = 0.02, odds: float = 9.0, min_fleet: int = 32):
         self.window_s, self.threshold = window_s, threshold
-        self.events: dict[str, deque[tuple[float, RootCause]]] = {}
+        self.factor, self.warning_factor, self.prior_share = factor, warning_factor, prior_share
+        self.min_fleet = min_fleet
+        self.bar = math.log(odds) - math.log(prior_share / (1 - prior_share))  # log-likelihood ratio to flag
+        self.events: dict[str, deque[tuple[float, RootCause]]] = {}  # in the count window
+        self.since: dict[str, float] = {}  # start of each host's record (enrolled or back from repair)
+        self.failures: dict[str, int] = {}
+        self.warnings: dict[str, int] = {}
+        self.flagged: set[str] = set()
+        # fleet totals, kept incrementally: events and host-time (sum over hosts of now - since)
+        self._n_failures = self._n_warnings = 0
+        self._since_sum = 0.0
+
+    # --- the record ---------------------------------------------------------------------------------------
+    def enroll(self, host: str, now: float) -> None:
+        if host not in self.since:
+            self.since[host] = now
+            self._since_sum += now
+
+    def reset(self, host: str, now: float) -> None:
+        """Back from repair or RMA: a new record (the fleet totals keep what it showed)."""
+        self.enroll(host, now)
+        self._since_sum += now - self.since[host]
+        self.since[host] = now
+        self.failures[host] = self.warnings[host] = 0
+        self.events.pop(host, None)
+        self.flagged.discard(host)
 
     def implicate(self, verdict: Verdict, now: float | None = None) -> list[str]:
-        """Record the verdict's hosts; return those that have just become lemons."""
+        """Record a failure of the verdict's hosts; return those that have just become lemons."""
         if verdict.cause in self.IGNORED:
             return []
         now = time.time() if now is None else now
-        lemons = []
+        out = []
         for h in verdict.hosts:
+            self.enroll(h, now)
             q = self.events.setdefault(h, deque())
             q.append((now, verdict.cause))
             while q and q[0][0] < now - self.window_s:
                 q.popleft()
-            if len(q) == self.threshold:
-                lemons.append(h)
-        return lemons
+            self.failures[h] = self.failures.get(h, 0) + 1
+            self._n_failures += 1
+            if self._newly_flagged(h, now, len(q) >= self.threshold):
+                out.append(h)
+        return out
+
+    def warn(self, host: str, now: float) -> list[str]:
+        """Record a precursor on `host`; returns [host] if it has just become a lemon."""
+        self.enroll(host, now)
+        self.warnings[host] = self.warnings.get(host, 0) + 1
+        self._n_warnings += 1
+        return [host] if self._newly_flagged(host, now, False) else []
+
+    def _newly_flagged(self, h: str, now: float, by_count: bool) -> bool:
+        if h in self.flagged or not (by_count or self.score(h, now) >= self.bar):
+            return False
+        self.flagged.add(h)
+        return True
+
+    # --- the test -----------------------------------------------------------------------------------------
+    def rates(self, now: float) -> tuple[float, float] | None:
+        """A normal host's failure and precursor rates per second, from the fleet's record (None: too few hosts)."""
+        n = len(self.since)
+        exposure = n * now - self._since_sum
+        if n < self.min_fleet or exposure <= 0:
+            return None
+        s = self.prior_share  # the fleet mean is a mix of normal hosts and lemons
+        return (max(self._n_failures, 1) / exposure / (1 - s + s * self.factor),
+                max(self._n_warnings, 1) / exposure / (1 - s + s * self.warning_factor))
+
+    def score(self, h: str, now: float) -> float:
+        """The log-likelihood ratio lemon : normal of the host's record (-inf when the fleet is too small)."""
+        r = self.rates(now)
+        if r is None:
+            return -math.inf
+        t = max(0.0, now - self.since.get(h, now))
+        f, w = self.factor, self.warning_factor
+        return (self.failures.get(h, 0) * math.log(f) - (f - 1) * r[0] * t
+                + (self.warnings.get(h, 0) * math.log(w) - (w - 1) * r[1] * t if w > 1 else 0.0))
 
     def count(self, host: str) -> int:
         return len(self.events.get(host, ()))
+
+    def explain(self, host: str, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        days = (now - self.since.get(host, now)) / 86400
+        return (f"{self.failures.get(host, 0)} failure(s) and {self.warnings.get(host, 0)} precursor(s) in "
+                f"{days:.1f} days of service ({self.count(host)} within {self.window_s:.0f} s)")

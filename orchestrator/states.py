@@ -1,4 +1,7 @@
-"""The controller's states: each a small frozen class; `Controller._step(state)` returns the next one."""
+"""The controller's states: each a small frozen class; `Controller._step(state)` returns the next one.
+
+Every state derives from `State`; `TRANSITIONS` names the legal moves, and the controller refuses any other.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +14,34 @@ if TYPE_CHECKING:
     from orchestrator.workers import WorkerGroup
 
 
+class State:
+    """A state of the control loop."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+
 @dataclass(frozen=True)
-class Scheduling:
+class Scheduling(State):
     since: float
 
 
 @dataclass(frozen=True)
-class Running:
+class Running(State):
     group: WorkerGroup
     started_at: float
 
 
 @dataclass(frozen=True)
-class Failing:
+class Failing(State):
     group: WorkerGroup
     since: float  # first sign of the failure
     hang: bool = False  # no progress while every rank lives
 
 
 @dataclass(frozen=True)
-class Draining:
+class Draining(State):
     """Take hosts out after a fresh checkpoint: planned maintenance, or a GPU held down by heat."""
 
     group: WorkerGroup
@@ -40,20 +51,35 @@ class Draining:
 
 
 @dataclass(frozen=True)
-class BackingOff:
+class BackingOff(State):
     until: float
 
 
 @dataclass(frozen=True)
-class Finished:
+class Finished(State):
     pass
 
 
 @dataclass(frozen=True)
-class Stopped:
+class Stopped(State):
     reason: str
 
 
 TERMINAL = (Finished, Stopped)
+
+# state -> the states it may move to (an operator's stop or restart can come in any live state)
+TRANSITIONS: dict[type[State], tuple[type[State], ...]] = {
+    Scheduling: (Scheduling, Running, Stopped),
+    Running: (Running, Failing, Draining, Finished, Scheduling, Stopped),
+    Failing: (Failing, BackingOff, Scheduling, Stopped),
+    Draining: (Draining, Failing, Scheduling, Stopped),
+    BackingOff: (BackingOff, Scheduling, Stopped),
+    Finished: (Finished,),
+    Stopped: (Stopped,),
+}
+
+
+def legal(current: State, nxt: State) -> bool:
+    return type(nxt) in TRANSITIONS[type(current)]
 # what the ranks of one attempt said about themselves: a later attempt's failure is not explained by it
 ATTEMPT_EVIDENCE = (EvidenceKind.TRAINER_HANG, EvidenceKind.TRAINER_EXCEPTION, EvidenceKind.TRAINER_EXIT)

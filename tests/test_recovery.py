@@ -36,12 +36,13 @@ def test_progress_is_rebuilt_from_rank0_streams_counting_recomputed_steps_once(t
 
     r = recover(store, "j", tmp_path)
     assert r is not None and r.job.attempt == 1
-    assert sorted(r.step_time) == list(range(1, 9))
-    assert r.step_time[7] == (1, 2.0) and r.step_time[4] == (0, 1.0)  # each step once, the kept run's time
-    assert sum(t for _, t in r.step_time.values()) == 5 * 1.0 + 3 * 2.0
-    assert r.ckpt_at.keys() == {5} and r.ckpt_stall_s == 0.25
-    assert r.resumed_at[1][1] == 5 and r.last_step == {0: 7, 1: 8} and r.last_loss == 2.0
-    assert not r.interrupted_attempt_recorded  # attempt 1 was running: its end is not recorded yet
+    led = r.ledger
+    assert sorted(led.step_time) == list(range(1, 9))
+    assert led.step_time[7] == (1, 2.0) and led.step_time[4] == (0, 1.0)  # each step once, the kept run's time
+    assert led.productive_s == 5 * 1.0 + 3 * 2.0
+    assert led.ckpt_at.keys() == {5} and led.ckpt_stall_s == 0.25
+    assert led.resumed_at[1][1] == 5 and led.last_step == {0: 7, 1: 8} and led.last_loss == 2.0
+    assert not r.attempt_recorded and led.attempt == 1  # attempt 1 was running: its end is not recorded yet
 
 
 def test_a_failure_already_recorded_by_the_dead_controller_is_not_recorded_again(tmp_path):
@@ -50,4 +51,5 @@ def test_a_failure_already_recorded_by_the_dead_controller_is_not_recorded_again
     v = Verdict(RootCause.FAULTY_GPU, 0.95, ("host-2",), (1,), ("Xid 79",))
     store.record_interruption(Interruption("j", 1, v, 150.0, 151.0))
     r = recover(store, "j", tmp_path)
-    assert r.interrupted_attempt_recorded and [i.attempt for i in r.interruptions] == [1]
+    assert r.attempt_recorded and list(r.ledger.interruptions) == [1]
+    assert r.ledger.attempt == 2 and r.ledger.pending.attempt == 1  # its restart is not known yet

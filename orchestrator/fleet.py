@@ -1,0 +1,163 @@
+"""What the controller needs of the machines, behind one interface: find the hosts, keep an agent on each, pull
+reports and flight-recorder dumps from them, and start worker groups. `RayFleet` is the real one (Ray nodes,
+agent actors, rank actors); tests drive the controller with a fake of the same shape, without Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from herdsman import RAY_NAMESPACE
+from herdsman.config import HerdsmanConfig
+from herdsman.events import AgentReport, RankFailure
+
+
+class GroupStatusLike(Protocol):
+    ranks: tuple[Any, ...]
+    unreachable: tuple[int, ...]
+
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def failed(self) -> list[Any]: ...
+    def failures(self, now: float) -> list[RankFailure]: ...
+
+
+class Group(Protocol):
+    """A worker group: the ranks of one attempt (orchestrator.workers.WorkerGroup on Ray)."""
+
+    attempt: int
+    hosts: list[str]
+    rank_hosts: list[str]
+
+    @property
+    def world_size(self) -> int: ...
+    def start(self) -> None: ...
+    def poll(self) -> GroupStatusLike: ...
+    def shutdown(self, grace_s: float = 3.0, keep_hosts: tuple[str, ...] | list[str] = ()) -> None: ...
+    def request_checkpoint(self, then_exit: bool = False) -> None: ...
+    def request_dumps(self) -> list[int]: ...
+    def inject(self, rank: int, fault: str, message: str = "", at_step: int = 0, sticky: bool = False) -> str: ...
+    def kill(self, rank: int) -> None: ...
+
+
+class Fleet(Protocol):
+    def discover(self) -> dict[str, str]:
+        """Host name -> node id of every Herdsman host alive now."""
+    def ensure_agents(self, nodes: dict[str, str], job: str, decide: Callable[[str], None]) -> None: ...
+    def gather(self, hosts: list[str], decide: Callable[[str], None]) -> list[AgentReport]: ...
+    def flight_recorder(self, hosts: list[str], attempt: int,
+                        decide: Callable[[str], None]) -> tuple[list[Any], list[str], list[str]]:
+        """(summaries, refused dumps, hosts that did not answer)."""
+    def has_agent(self, host: str) -> bool: ...
+    def health_check(self, host: str) -> list[str]: ...
+    def inject(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str: ...
+    def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group: ...
+    def close(self) -> None: ...
+
+
+class RayFleet:
+    """The fleet as a Ray cluster: hosts are nodes with a `herdsman_host` resource, agents detached actors."""
+
+    def __init__(self, config: HerdsmanConfig, run_dir: Path, cwd: str):
+        self.cfg, self.run_dir, self.cwd = config, run_dir, cwd
+        self.agents: dict[str, Any] = {}
+        self.rank_actors: dict[tuple[str, int], Any] = {}  # reused across attempts on the same hosts
+
+    def discover(self) -> dict[str, str]:
+        from orchestrator.cluster import discover_hosts
+
+        return discover_hosts()
+
+    def ensure_agents(self, nodes: dict[str, str], job: str, decide: Callable[[str], None]) -> None:
+        """An agent on every host, following `job`'s streams; one that died (or never answers) is replaced."""
+        import ray
+
+        from agents.ray_agent import AgentActor, agent_name
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        def create(host: str, node_id: str) -> Any:
+            return AgentActor.options(  # a crashed agent is started again, like a DaemonSet's pod
+                name=agent_name(host), namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached",
+                max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(host, self.cfg)
+
+        for host, node_id in nodes.items():
+            if host not in self.agents:
+                self.agents[host] = create(host, node_id)
+        refs = {h: a.ready.remote(job) for h, a in self.agents.items() if h in nodes}
+        for host, ref in refs.items():
+            try:
+                ray.get(ref, timeout=60)
+            except Exception as e:
+                decide(f"agent on {host} is gone ({type(e).__name__}): starting a new one")
+                self.agents[host] = create(host, nodes[host])
+
+    def gather(self, hosts: list[str], decide: Callable[[str], None]) -> list[AgentReport]:
+        """A fresh report from each host's agent, not waiting for its next heartbeat."""
+        import ray
+
+        refs = {h: self.agents[h].collect_now.remote() for h in hosts if h in self.agents}
+        out = []
+        for h, ref in refs.items():
+            try:
+                out.append(ray.get(ref, timeout=3))
+            except Exception as e:
+                decide(f"agent on {h} did not answer: {type(e).__name__}")
+        return out
+
+    def flight_recorder(self, hosts: list[str], attempt: int,
+                        decide: Callable[[str], None]) -> tuple[list[Any], list[str], list[str]]:
+        import ray
+
+        refs = {h: self.agents[h].flight_recorder.remote(attempt) for h in hosts if h in self.agents}
+        summaries: list[Any] = []
+        refused: list[str] = []
+        silent = [h for h in hosts if h not in self.agents]
+        for h, ref in refs.items():
+            try:
+                s, r = ray.get(ref, timeout=5)
+                summaries += s
+                refused += r
+            except Exception as e:
+                decide(f"flight recorder of {h} unavailable: {type(e).__name__}")
+                silent.append(h)
+        return summaries, refused, silent
+
+    def has_agent(self, host: str) -> bool:
+        return host in self.agents
+
+    def health_check(self, host: str) -> list[str]:
+        import ray
+
+        return ray.get(self.agents[host].health_check.remote(), timeout=30)
+
+    def inject(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:
+        import ray
+
+        return ray.get(self.agents[host].inject.remote(fault, gpu, **args), timeout=10)
+
+    def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
+        from orchestrator.workers import WorkerGroup
+
+        group = WorkerGroup(placement, self.cfg.trainer.ranks_per_host, attempt, env, self.run_dir, self.cfg.job,
+                            self.cwd, self.rank_actors, self.cfg.controller.warm_standby)
+        group.start()
+        return group
+
+    def close(self) -> None:
+        import ray
+
+        from orchestrator.workers import close_actor
+
+        for a in self.rank_actors.values():
+            close_actor(a)
+        self.rank_actors.clear()
+        for a in self.agents.values():
+            try:
+                ray.get(a.stop.remote(), timeout=5)
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.agents.clear()

@@ -1,0 +1,403 @@
+"""The controller's state machine, one tick at a time, with a fake fleet and clock (no Ray, no processes).
+
+Every state, every transition, every operator action and a store outage, in milliseconds each. The same paths run
+end to end in tests/test_e2e.py on a real cluster.
+"""
+
+import threading
+
+import pytest
+
+from herdsman.config import load_config
+from herdsman.events import (
+    AgentReport,
+    Evidence,
+    EvidenceKind,
+    Heartbeat,
+    HostState,
+    Severity,
+    StepStats,
+    TrainerEvent,
+    TrainerPhase,
+)
+from herdsman.stats import StatsWriter
+from herdsman.layout import stats_dir
+from herdsman.taxonomy import RootCause
+from orchestrator.controller import Controller
+from orchestrator.states import (
+    TRANSITIONS,
+    BackingOff,
+    Draining,
+    Failing,
+    Finished,
+    Running,
+    Scheduling,
+    Stopped,
+    legal,
+)
+from orchestrator.store import Store, StoreError
+from orchestrator.workers import GroupStatus, RankStatus
+
+HOSTS = ["host-1", "host-2", "host-3", "host-4"]
+
+
+class Clock:
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, s):
+        self.t += s
+
+
+class FakeGroup:
+    def __init__(self, placement, attempt, clock):
+        self.hosts = [h for h, _ in placement]
+        self.rank_hosts = list(self.hosts)
+        self.attempt, self.clock = attempt, clock
+        self.exit = {r: None for r in range(len(self.hosts))}
+        self.ended, self.stderr = {}, {}
+        self.unreachable = ()
+        self.shutdowns, self.checkpoints = [], []
+
+    @property
+    def world_size(self):
+        return len(self.hosts)
+
+    def start(self):
+        pass
+
+    def poll(self):
+        ranks = tuple(RankStatus(r, self.rank_hosts[r], 100 + r, self.exit[r] is None, self.exit[r],
+                                 self.ended.get(r), self.stderr.get(r, "")) for r in self.exit)
+        return GroupStatus(ranks, tuple(self.unreachable))
+
+    def fail(self, rank, code=1, stderr=""):
+        self.exit[rank], self.ended[rank], self.stderr[rank] = code, self.clock(), stderr
+
+    def finish(self):
+        for r in self.exit:
+            self.exit[r], self.ended[r] = 0, self.clock()
+
+    def shutdown(self, grace_s=3.0, keep_hosts=()):
+        self.shutdowns.append(tuple(keep_hosts))
+
+    def request_checkpoint(self, then_exit=False):
+        self.checkpoints.append(then_exit)
+
+    def request_dumps(self):
+        return []
+
+    def inject(self, rank, fault, message="", at_step=0, sticky=False):
+        return f"{fault} into rank {rank}"
+
+    def kill(self, rank):
+        self.fail(rank, -9)
+
+
+class FakeFleet:
+    def __init__(self, clock, hosts=HOSTS):
+        self.clock, self.hosts = clock, {h: f"node-{h}" for h in hosts}
+        self.groups, self.problems, self.injected = [], {}, []
+
+    def discover(self):
+        return dict(self.hosts)
+
+    def ensure_agents(self, nodes, job, decide):
+        pass
+
+    def gather(self, hosts, decide):
+        return []
+
+    def flight_recorder(self, hosts, attempt, decide):
+        return [], [], []
+
+    def has_agent(self, host):
+        return host in self.hosts
+
+    def health_check(self, host):
+        return self.problems.get(host, [])
+
+    def inject(self, host, fault, gpu=0, **args):
+        self.injected.append((host, fault))
+        return f"{host}: {fault}"
+
+    def start_group(self, placement, attempt, env):
+        g = FakeGroup(placement, attempt, self.clock)
+        self.groups.append(g)
+        return g
+
+    def close(self):
+        pass
+
+
+class Flaky:
+    """The real store, failing every call while `down` is set."""
+
+    def __init__(self, store):
+        self.store, self.down = store, threading.Event()
+
+    def __getattr__(self, name):
+        real = getattr(self.store, name)
+
+        def call(*a, **kw):
+            if self.down.is_set():
+                raise StoreError("store sqlite:///h.db: failed: OperationalError: database is locked")
+            return real(*a, **kw)
+        return call
+
+
+@pytest.fixture
+def make(tmp_path):
+    made = []
+
+    def build(store=None, **controller):
+        clock = Clock()
+        cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "job": "unit",
+                                     "trainer": {"steps": 20, "checkpoint_every": 5},
+                                     "controller": {"failure_grace_s": 1.0, "hang_timeout_s": 30.0,
+                                                    "startup_timeout_s": 30.0, "restart_backoff_s": 1.0,
+                                                    **controller}})
+        fleet = FakeFleet(clock)
+        ctrl = Controller(cfg, store=store, fleet=fleet, clock=clock)
+        made.append(ctrl)
+        return ctrl, fleet, clock
+
+    yield build
+    for c in made:
+        c.records.close(timeout_s=1)
+
+
+def heartbeat_all(ctrl, clock, hosts=HOSTS):
+    for h in hosts:
+        ctrl.report(AgentReport(Heartbeat(h, clock(), 1)))
+
+
+def step(ctrl, clock, n, attempt=0):
+    heartbeat_all(ctrl, clock, [h for h in HOSTS if ctrl.pool.state(h) != HostState.QUARANTINED])
+    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 1),
+                            steps=(StepStats(0, "host-1", attempt, n, clock(), 0.5, 512, 2.0),)))
+
+
+def event(ctrl, clock, phase, attempt, step_=0):
+    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 1),
+                            trainer_events=(TrainerEvent(0, "host-1", attempt, phase, clock(), step_, 0.1),)))
+
+
+def running(make, **kw):
+    ctrl, fleet, clock = make(**kw)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Running)
+    return ctrl, fleet, clock
+
+
+def test_schedules_on_the_workers_keeps_a_spare_and_finishes(make):
+    ctrl, fleet, clock = running(make)
+    assert fleet.groups[0].hosts == ["host-1", "host-2", "host-3"]
+    assert ctrl.pool.state("host-4") == HostState.SPARE
+    for n in range(1, 21):
+        clock.advance(1)
+        step(ctrl, clock, n)
+    assert not ctrl.tick()  # running, nothing new
+    fleet.groups[0].finish()
+    assert ctrl.tick() and isinstance(ctrl.state, Finished)
+    assert ctrl.status()["step"] == 20 and ctrl.ledger.productive_s == 10.0
+    assert ctrl.records.flush(2) and ctrl.store.job("unit").state == "finished"
+
+
+def test_fatal_xid_fails_the_job_evicts_the_host_and_restarts_on_the_spare(make):
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 7)
+    event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 5)
+    clock.advance(1)
+    xid = Evidence("host-2", EvidenceKind.GPU_XID, clock(), "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus",
+                   Severity.CRITICAL, gpu=0, code=79)
+    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 2), (xid,)))
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    assert not ctrl.tick()  # within the grace period: waiting for the rest of the evidence
+    clock.advance(1.5)
+    assert ctrl.tick() and isinstance(ctrl.state, BackingOff)
+    assert ctrl.verdicts[-1].cause == RootCause.FAULTY_GPU and ctrl.verdicts[-1].hosts == ("host-2",)
+    assert ctrl.pool.state("host-2") == HostState.QUARANTINED
+    assert fleet.groups[0].shutdowns == [("host-1", "host-3")]  # the rank actors of the healthy hosts are kept
+    assert ctrl.tick() and isinstance(ctrl.state, Scheduling)  # first failure after progress: no backoff
+    heartbeat_all(ctrl, clock, ["host-1", "host-3", "host-4"])
+    assert ctrl.tick() and isinstance(ctrl.state, Running)
+    assert fleet.groups[1].hosts == ["host-1", "host-3", "host-4"] and ctrl.attempt == 1
+    # the new attempt's rendezvous and restore complete the interruption's time split
+    clock.advance(2)
+    event(ctrl, clock, TrainerPhase.RENDEZVOUS, 1)
+    clock.advance(1)
+    event(ctrl, clock, TrainerPhase.RESTORED, 1, 5)
+    assert ctrl.records.flush(2)
+    (it,) = ctrl.store.interruptions("unit")
+    assert it.verdict.cause == RootCause.FAULTY_GPU and it.restart_s is not None and it.restore_s == 1.0
+    assert it.resumed_step == 5 and it.last_step == 7
+
+
+def test_a_software_exception_restarts_on_the_same_hosts(make):
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 3)
+    fleet.groups[0].fail(0, 1, "Traceback (most recent call last):\nValueError: shapes (4, 128) and (256,) not aligned")
+    for g in (1, 2):
+        fleet.groups[0].fail(g, -15)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    assert ctrl.tick() and isinstance(ctrl.state, BackingOff)  # every rank ended: no need to wait out the grace
+    assert ctrl.verdicts[-1].cause == RootCause.SOFTWARE_BUG
+    assert "quarantined" not in {s.state.value for s in ctrl.pool.status.values()}
+    ctrl.tick()
+    ctrl.tick()
+    assert fleet.groups[1].hosts == fleet.groups[0].hosts
+
+
+def test_the_same_crash_three_times_without_progress_stops_and_pages(make):
+    ctrl, fleet, clock = running(make)
+    for attempt in range(3):
+        g = fleet.groups[-1]
+        g.fail(0, 1, "AssertionError: grad norm is inf")
+        for r in (1, 2):
+            g.fail(r, -15)
+        ctrl.tick()
+        ctrl.tick()
+        if attempt < 2:
+            assert isinstance(ctrl.state, BackingOff)
+            clock.advance(ctrl.state.until - clock() + 0.01)
+            ctrl.tick()
+            ctrl.tick()
+            assert isinstance(ctrl.state, Running)
+    assert isinstance(ctrl.state, Stopped) and "crash loop" in ctrl.state.reason
+    assert ctrl.pool.state("host-4") == HostState.SPARE  # no spare burnt on a software bug
+
+
+def test_backoff_grows_only_for_failures_without_progress(make):
+    ctrl, fleet, clock = running(make)
+    waits = []
+    for i in range(3):
+        g = fleet.groups[-1]
+        g.fail(0, 1, f"RuntimeError: failure number {i}")  # distinct: not a crash loop
+        for r in (1, 2):
+            g.fail(r, -15)
+        ctrl.tick()
+        ctrl.tick()
+        waits.append(round(ctrl.state.until - clock(), 3))
+        clock.advance(waits[-1] + 0.01)
+        ctrl.tick()
+        ctrl.tick()
+    assert waits == [0.0, 1.0, 2.0]
+
+
+def test_a_hang_is_a_failure_once_no_step_completes_for_the_timeout(make):
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 4)
+    clock.advance(29)
+    heartbeat_all(ctrl, clock)  # every agent alive, every rank alive: only the steps stopped
+    assert not ctrl.tick()
+    clock.advance(2)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+    assert ctrl.tick() and isinstance(ctrl.state, BackingOff)
+    assert ctrl.verdicts[-1].cause in (RootCause.NCCL_WATCHDOG_TIMEOUT, RootCause.UNKNOWN)
+
+
+def test_planned_maintenance_drains_after_a_fresh_checkpoint(make):
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 6)
+    notice = Evidence("host-3", EvidenceKind.MAINTENANCE, clock(), "maintenance at 02:00", Severity.CRITICAL,
+                      attrs={"reason": "PlannedMaintenance"})
+    ctrl.report(AgentReport(Heartbeat("host-3", clock(), 2), (notice,)))
+    assert ctrl.tick() and isinstance(ctrl.state, Draining)
+    assert fleet.groups[0].checkpoints == [True]
+    assert not ctrl.tick()  # until the fresh checkpoint lands and the ranks exit
+    clock.advance(1)
+    event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 7)
+    fleet.groups[0].finish()
+    assert ctrl.tick() and isinstance(ctrl.state, Scheduling)
+    assert ctrl.pool.state("host-3") == HostState.QUARANTINED
+    it = ctrl.ledger.interruptions[0]
+    assert it.planned and it.verdict.cause == RootCause.HOST_MAINTENANCE and ctrl.responder.restarts == 0
+
+
+def test_a_host_whose_agent_falls_silent_is_taken_out(make):
+    ctrl, fleet, clock = running(make)
+    clock.advance(11)  # heartbeat window 10 s
+    heartbeat_all(ctrl, clock, ["host-1", "host-3", "host-4"])
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    assert ctrl.pool.state("host-2") == HostState.QUARANTINED
+    clock.advance(2)
+    ctrl.tick()
+    assert ctrl.verdicts[-1].hosts == ("host-2",)
+
+
+def test_operator_restart_quarantine_return_and_stop(make):
+    ctrl, fleet, clock = running(make)
+    ctrl.request_restart("new data mix")
+    assert ctrl.tick() and isinstance(ctrl.state, Running)  # acted on and placed again in the same pass
+    assert ctrl.ledger.interruptions[0].planned and ctrl.attempt == 1 and len(fleet.groups) == 2
+    assert fleet.groups[0].shutdowns == [tuple(HOSTS[:3])]
+    ctrl.quarantine("host-2", "bad fan")  # a host of the job: it is restarted without it
+    assert ctrl.tick() and isinstance(ctrl.state, Running)
+    assert "host-2" not in fleet.groups[-1].hosts and ctrl.attempt == 2
+    fleet.problems["host-2"] = ["GPU 0 temperature 95 C"]
+    assert ctrl.return_to_service("host-2") == ["GPU 0 temperature 95 C"]
+    assert ctrl.pool.state("host-2") == HostState.QUARANTINED
+    fleet.problems.clear()
+    assert ctrl.return_to_service("host-2") == [] and ctrl.pool.state("host-2") == HostState.SPARE
+    ctrl.request_stop("end of the experiment")
+    assert ctrl.tick() and isinstance(ctrl.state, Stopped) and "operator" in ctrl.state.reason
+    assert fleet.groups[-1].shutdowns
+
+
+def test_not_enough_hosts_waits_then_stops(make):
+    ctrl, fleet, clock = make()
+    fleet.hosts = {"host-1": "n1", "host-2": "n2"}
+    assert not ctrl.tick() and isinstance(ctrl.state, Scheduling)
+    clock.advance(61)
+    assert ctrl.tick() and isinstance(ctrl.state, Stopped) and "need 3, have 2" in ctrl.state.reason
+
+
+def test_the_loop_goes_on_through_a_store_outage_and_loses_no_record(make, tmp_path):
+    store = Flaky(Store(f"sqlite:///{tmp_path / 'h.db'}"))
+    ctrl, fleet, clock = running(make, store=store)
+    ctrl.records.min_backoff_s = ctrl.records.max_backoff_s = 0.01
+    store.down.set()
+    step(ctrl, clock, 6)
+    fleet.groups[0].fail(1, -9)
+    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 2), (Evidence(
+        "host-2", EvidenceKind.GPU_XID, clock(), "Xid 79: GPU has fallen off the bus", Severity.CRITICAL, code=79),)))
+    for _ in range(4):
+        ctrl.tick()
+        clock.advance(1)
+    assert isinstance(ctrl.state, Running) and ctrl.attempt == 1  # evicted and restarted, store down throughout
+    assert not ctrl.records.flush(0.2) and ctrl.status()["store"]["degraded"]
+    store.down.clear()
+    assert ctrl.records.flush(5) and not ctrl.status()["store"]["degraded"]
+    (it,) = store.store.interruptions("unit")
+    assert it.verdict.cause == RootCause.FAULTY_GPU
+    assert {h.host: h.state for h in store.store.hosts()}["host-2"] == HostState.QUARANTINED
+    assert len(ctrl.responder.history) == 1 and ctrl.responder.lemons.failures["host-2"] == 1  # counted once
+
+
+def test_a_restarted_controller_carries_on_the_job(make, tmp_path):
+    ctrl, fleet, clock = running(make)
+    w = StatsWriter(stats_dir(tmp_path / "run", "host-1", "unit"), 0, "host-1", 0)
+    for n in range(1, 8):
+        w.step(n, 0.5, 512, 2.0)
+    w.event(TrainerPhase.CHECKPOINT, 5, 0.1)
+    ctrl.records.flush(2)
+    ctrl.records.close(1)
+    again, fleet2, clock2 = make()  # the same job, store and run directory: a controller Ray restarted
+    assert again.recovered is not None and again.attempt == 1
+    assert again.ledger.step_now == 7 and 5 in again.ledger.ckpt_at
+    (it,) = again.ledger.interruptions.values()
+    assert it.attempt == 0 and it.verdict.cause == RootCause.UNKNOWN and "controller restarted" in it.verdict.evidence[0]
+    heartbeat_all(again, clock2)
+    again.tick()
+    assert isinstance(again.state, Running) and fleet2.groups[0].attempt == 1
+
+
+def test_only_legal_transitions_are_taken():
+    assert legal(Running(None, 0.0), Failing(None, 0.0)) and not legal(Finished(), Running(None, 0.0))
+    assert not legal(Scheduling(0.0), Failing(None, 0.0)) and not legal(BackingOff(0.0), Running(None, 0.0))
+    assert all(legal(s_cls.__new__(s_cls), Stopped("x")) for s_cls in TRANSITIONS if s_cls is not Finished)
