@@ -275,7 +275,22 @@ class SimulateConfig:
     restart_budget: int = _f(1000, ge=0)
     """Automatic restarts before a human must look (reset by each human intervention)."""
     lemon_window_s: float = _f(14 * 86400.0, gt=0)
-    lemon_threshold: int = _f(2, ge=1)
+    lemon_threshold: int = _f(3, ge=1)
+    """The detector's count rule (the controller's own, see [controller]); its likelihood test runs beside it."""
+    history_days: float = _f(30.0, ge=0)
+    """Days the fleet served other jobs before this one: what the store remembers of each host (failures and
+    precursors) when the job starts, and lemons already found in that time."""
+    precursor_per_day: float = _f(0.05, ge=0)
+    """Precursors a normal host shows per day (correctable ECC bursts, PCIe replays, link flaps, recoverable Xids)."""
+    lemon_precursor_factor: float = _f(5.0, ge=1)
+    """How much more often a lemon shows them (an assumption: see the README's lemon sweep)."""
+    step_s: float = _f(15.0, gt=0)
+    """One training step; checkpoints land on step boundaries and an interruption loses whole steps."""
+    diagnosis: str = _f("perfect", choices=("perfect", "measured"))
+    """"perfect": every verdict right; "measured": verdicts drawn from the confusion `herdsman diagnose --eval`
+    measured on the public corpus (orchestrator/diagnosis_confusion.json)."""
+    refail_s: float = _f(3600.0, gt=0)
+    """A faulty host kept in the job by a wrong verdict fails again after this long on average."""
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -18,6 +19,7 @@ def launch_controller(config: HerdsmanConfig) -> Any:
     ended in this store is refused: starting it again at attempt 0 would write over its history."""
     from orchestrator.store import Store
 
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)  # where the default store lives
     store = Store(config.store_url)
     try:
         rec = store.job(config.job)

@@ -127,9 +127,11 @@ class JobLedger:
         return sum(t for _, t in self.step_time.values())
 
     def progressed(self, attempt: int | None = None) -> bool:
-        """The attempt trained past the step it started from."""
+        """The attempt committed work that survives it: a checkpoint past the step it started from (the
+        simulator asks the same question of its clock)."""
         a = self.attempt if attempt is None else attempt
-        return self.last_step.get(a, 0) > self.resumed_at.get(a, (0.0, 0))[1]
+        began_at, began = self.resumed_at.get(a, (0.0, 0))
+        return any(step > began and t >= began_at for step, t in self.ckpt_at.items())
 
     def stepped(self, attempt: int | None = None) -> bool:
         return (self.attempt if attempt is None else attempt) in self.last_step_at

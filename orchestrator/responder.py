@@ -48,7 +48,8 @@ class FailureResponder:
         self.failures_without_progress = 0
 
     def respond(self, verdict: Verdict, progressed: bool, pool: HostPool, now: float) -> Response:
-        """An unplanned failure. `progressed`: the failed attempt trained past the step it started from."""
+        """An unplanned failure. `progressed`: the failed attempt committed a checkpoint past the one it started
+        from (work that survives it); repeated failures without progress back off."""
         self.failures_without_progress = 0 if progressed else self.failures_without_progress + 1
         decision = self.policy.decide(verdict, self.history, self.restarts, self.failures_without_progress)
         self.history.append(verdict)

@@ -20,19 +20,23 @@ import bisect
 import dataclasses
 import heapq
 import itertools
+import json
 import math
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from herdsman.config import ConfigError, ControllerConfig, SimulateConfig
-from herdsman.events import TIME_SPLIT, Verdict
+from herdsman.events import TIME_SPLIT, HostState, Verdict
 from herdsman.taxonomy import TABLE5_UNEXPECTED, Action, RootCause
-from orchestrator.policy import HostPool, LemonDetector, RestartPolicy
+from orchestrator.policy import HostPool, LemonDetector
+from orchestrator.responder import FailureResponder
 
 DAY = 86400.0
+CONFUSION = Path(__file__).resolve().parent / "diagnosis_confusion.json"
 TABLE5_DAYS, TABLE5_GPUS = 54.0, 16384
 
 # How each cause is noticed: which detection time of the config applies.
@@ -92,6 +96,9 @@ class SimInterruption:
     action: Action
     reason: str
     drain_stall_s: float = 0.0  # the fresh checkpoint a drain takes before going down
+    verdict: RootCause | None = None  # what the diagnosis said (differs from `cause` when it was wrong)
+    lost_steps: int = 0
+    struck: tuple[str, ...] = ()  # the host the fault struck (`hosts` are those taken out)
 
 
 @dataclass
@@ -104,6 +111,11 @@ class SimResult:
     lemons_flagged: int = 0
     lemons_found: int = 0  # of those, hosts that really were lemons
     lemon_hosts: int = 0
+    lemons_still_in: int = 0  # lemons never found by the end
+    lemons_before_job: int = 0  # found from the fleet's history before the job started
+    healthy_flagged: int = 0  # hosts flagged as lemons that were neither lemons nor left faulty by a wrong verdict
+    spare_failures: int = 0
+    misdiagnosed: int = 0
     human_interventions: int = 0
     waits_for_hosts: int = 0
     policy_calls: int = 0
@@ -140,44 +152,31 @@ class SimResult:
             "by_cause": {c.value: n for c, n in self.by_cause.most_common()},
             "mttf_s": self.mttf_s, "mttr_s": self.mttr_s, "spares_used": self.spares_used,
             "lemons_flagged": self.lemons_flagged, "lemons_found": self.lemons_found, "lemon_hosts": self.lemon_hosts,
+            "lemon_recall": self.lemon_recall, "lemon_precision": self.lemon_precision,
+            "lemons_before_job": self.lemons_before_job, "healthy_flagged": self.healthy_flagged,
+            "spare_failures": self.spare_failures, "misdiagnosed": self.misdiagnosed,
             "human_interventions": self.human_interventions, "waits_for_hosts": self.waits_for_hosts,
             "policy_calls": self.policy_calls, "policy_us_per_event": self.policy_us_per_event,
             "sim_wall_s": self.sim_wall_s,
         }
 
     @property
+    def lemon_recall(self) -> float | None:
+        return self.lemons_found / self.lemon_hosts if self.lemon_hosts else None
+
+    @property
+    def lemon_precision(self) -> float | None:
+        return self.lemons_found / self.lemons_flagged if self.lemons_flagged else None
+
+    @property
     def policy_us_per_event(self) -> float:
         return 1e6 * self.policy_s / max(1, len(self.interruptions))
 
 
-@dataclass
-class _Segment:
-    """Training since the last (re)start: checkpoints every interval of work, each blocking for the stall."""
-
-    start: float
-
-    def account(self, t: float, cfg: SimulateConfig, lost: bool = True) -> dict[str, float]:
-        e = max(0.0, t - self.start)
-        cycle = cfg.checkpoint_interval_s + cfg.checkpoint_stall_s
-        k = math.floor(e / cycle)
-        r = e - k * cycle
-        work, stall = min(r, cfg.checkpoint_interval_s), max(0.0, r - cfg.checkpoint_interval_s)
-        out = {"productive": k * cfg.checkpoint_interval_s, "checkpoint": k * cfg.checkpoint_stall_s + stall}
-        if lost:
-            out["lost_work"] = work
-        else:
-            out["productive"] += work
-        return out
-
-    @staticmethod
-    def committed(t: float, start: float, cfg: SimulateConfig) -> bool:
-        return t - start >= cfg.checkpoint_interval_s + cfg.checkpoint_stall_s
-
-
 class Simulation:
-    """One run. `Simulation(cfg).run()`; the policies are the controller's classes, called as the controller does."""
+    """One run. `Simulation(cfg).run()`; failures go through the controller's own FailureResponder and HostPool."""
 
-    def __init__(self, cfg: SimulateConfig):
+    def __init__(self, cfg: SimulateConfig, confusion: dict[RootCause, list[tuple[RootCause, float]]] | None = None):
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.n_job = cfg.gpus // cfg.gpus_per_host
@@ -186,26 +185,39 @@ class Simulation:
         lemons = set(self.rng.sample(self.hosts, round(cfg.lemon_share * n_all))) if cfg.lemon_share else set()
         self.base_weight = 1.0 / (1 - cfg.lemon_share + cfg.lemon_share * cfg.lemon_factor)
         self.weight = {h: self.base_weight * (cfg.lemon_factor if h in lemons else 1.0) for h in self.hosts}
-        self.lemons = lemons
+        self.lemons = lemons  # the truth: hosts that are lemons now (one back from RMA is not)
         self.pool = HostPool()
-        self.pool.sync(self.hosts)
-        ctl = ControllerConfig(max_restarts=cfg.restart_budget, lemon_window_s=cfg.lemon_window_s, lemon_threshold=cfg.lemon_threshold)
-        self.policy = RestartPolicy(ctl)
-        self.lemon = LemonDetector(ctl.lemon_window_s, ctl.lemon_threshold)
+        self.pool.sync(self.hosts, 0.0)
+        ctl = ControllerConfig(max_restarts=cfg.restart_budget, lemon_window_s=cfg.lemon_window_s,
+                               lemon_threshold=cfg.lemon_threshold)
+        self.responder = FailureResponder(ctl, LemonDetector(
+            ctl.lemon_window_s, ctl.lemon_threshold, factor=ctl.lemon_factor, warning_factor=ctl.lemon_warning_factor,
+            prior_share=ctl.lemon_prior_share))
+        for h in self.hosts:
+            self.responder.lemons.enroll(h, 0.0)
+        self.confusion = confusion if confusion is not None else (
+            measured_confusion() if cfg.diagnosis == "measured" else {})
         rates = table5_rates(cfg)
         # per host at weight 1 (the fleet's mean): the job's rate shared by its hosts
         self.host_rate = {c: rates[c] / self.n_job for c in HOST_CAUSES}
         self.host_rate_sum = sum(self.host_rate.values())
         self.job_rate = {c: rates[c] for c in JOB_CAUSES}
+        self.job_rate_sum = sum(self.job_rate.values())
         self.planned_rate = cfg.planned_per_day / DAY
+        self.warn_rate = cfg.precursor_per_day / DAY
         self.returns: list[tuple[float, int, str, str]] = []  # (when, tiebreak, host, why) for hosts in repair
+        self.refails: dict[str, tuple[float, RootCause]] = {}  # faulty hosts a wrong verdict left in service
+        self.faulty: set[str] = set()  # hosts with a hardware fault not repaired yet
+        self.rma: set[str] = set()  # lemons away for replacement
         self._tick = itertools.count()
         self.split = dict.fromkeys(TIME_SPLIT, 0.0)
         self.result = SimResult(cfg, cfg.days * DAY, self.split, [], lemon_hosts=len(lemons))
-        self.history: list[Verdict] = []
-        self.restarts = self.no_progress = 0
-        self.hold_until = 0.0
+        self.active: list[str] = []
+        self._dirty = True
+        self.hold_until = 0.0  # a paged human holds the restart until then
         self.n_events = 0
+        steps = max(1, round(cfg.checkpoint_interval_s / cfg.step_s))
+        self.interval_s = steps * cfg.step_s  # checkpoints land on step boundaries
 
     # --- the fleet --------------------------------------------------------------------------------------------
     def _place(self, previous: list[str], now: float) -> list[str] | None:
@@ -217,19 +229,42 @@ class Simulation:
         self.pool.changes.clear()
         self.active = hosts
         self.cum = list(itertools.accumulate(self.weight[h] for h in hosts))
+        self._dirty = True
         return hosts
+
+    def _service(self) -> None:
+        """The idle hosts in service (spares, suspects) and every host's precursor weight, when they changed."""
+        if not self._dirty:
+            return
+        active = set(self.active)
+        self.idle = [h for h in self.pool.usable() if h not in active]
+        self.idle_cum = list(itertools.accumulate(self.weight[h] for h in self.idle))
+        service = self.active + self.idle
+        f = self.cfg.lemon_precursor_factor
+        self.warn_hosts = service
+        self.warn_cum = list(itertools.accumulate(f if h in self.lemons else 1.0 for h in service))
+        self._dirty = False
 
     def _return_due(self, now: float) -> None:
         while self.returns and self.returns[0][0] <= now:
             t, _, h, why = heapq.heappop(self.returns)
             self._timed(self.pool.return_to_service, h, why, t)
+            if h in self.rma:  # a new host as far as its record goes
+                self.rma.discard(h)
+                self.responder.lemons.reset(h, t)
+            self._dirty = True
 
-    def _evict(self, hosts: Iterable[str], cause: RootCause, now: float, lemons: list[str]) -> None:
+    def _out(self, hosts: Iterable[str], cause: RootCause, now: float, lemons: Iterable[str] = ()) -> None:
+        """Hosts the responder took out go for repair (a lemon to RMA) and come back when it is done."""
+        lemons = set(lemons)
         for h in hosts:
-            self._timed(self.pool.quarantine, h, cause.value, now)
+            self.refails.pop(h, None)  # repaired, whatever was wrong with it
             if h in lemons:
                 self.result.lemons_flagged += 1
                 self.result.lemons_found += h in self.lemons
+                self.result.healthy_flagged += h not in self.lemons and h not in self.faulty
+                self.lemons.discard(h)
+                self.rma.add(h)
                 self.weight[h] = self.base_weight  # RMA: comes back as a normal host
                 back = self.cfg.lemon_repair_s
             elif cause in (RootCause.HOST_MAINTENANCE,):
@@ -239,6 +274,8 @@ class Simulation:
             else:
                 back = self.cfg.repair_s
             heapq.heappush(self.returns, (now + back, next(self._tick), h, f"repaired after {cause.value}"))
+            self.faulty.discard(h)
+        self._dirty = True
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -248,103 +285,213 @@ class Simulation:
             self.result.policy_s += time.perf_counter() - t0
             self.result.policy_calls += 1
 
-    # --- failures -----------------------------------------------------------------------------------------------
-    def _next_event(self, now: float) -> tuple[float, RootCause, tuple[str, ...], bool]:
-        host_total = self.host_rate_sum * self.cum[-1]
-        job_total = sum(self.job_rate.values())
-        total = host_total + job_total + self.planned_rate
-        if total <= 0:
-            return math.inf, RootCause.UNKNOWN, (), False
-        t = now + self.rng.expovariate(total)
+    # --- what happens ---------------------------------------------------------------------------------------
+    def _next_event(self, now: float) -> tuple[float, str, RootCause, tuple[str, ...]]:
+        """The next event: ("job", cause, hosts) strikes the job; ("spare", ...) an idle host; ("warn", ...) a
+        precursor; ("planned", ...) maintenance. Poisson processes, raced; a scheduled re-failure wins if sooner."""
+        self._service()
+        active_total = self.host_rate_sum * self.cum[-1]
+        idle_total = self.host_rate_sum * (self.idle_cum[-1] if self.idle_cum else 0.0)
+        warn_total = self.warn_rate * (self.warn_cum[-1] if self.warn_cum else 0.0)
+        total = active_total + idle_total + self.job_rate_sum + self.planned_rate + warn_total
+        t = now + self.rng.expovariate(total) if total > 0 else math.inf
+        if self.refails:
+            h, (tr, cause) = min(self.refails.items(), key=lambda kv: kv[1][0])
+            if tr <= t:
+                del self.refails[h]
+                return tr, ("job" if h in self.active else "spare"), cause, (h,)
+        if t == math.inf:
+            return t, "none", RootCause.UNKNOWN, ()
         u = self.rng.random() * total
         if u < self.planned_rate:
-            return t, RootCause.HOST_MAINTENANCE, (self.rng.choice(self.active),), True
+            return t, "planned", RootCause.HOST_MAINTENANCE, (self.rng.choice(self.active),)
         u -= self.planned_rate
-        if u < job_total:
-            return t, _pick(self.job_rate, u), (), False
-        u = (u - job_total) / self.cum[-1]  # per unit weight now
-        cause = _pick(self.host_rate, min(u, self.host_rate_sum * (1 - 1e-12)))
-        i = bisect.bisect_left(self.cum, self.rng.random() * self.cum[-1])
-        return t, cause, (self.active[min(i, len(self.active) - 1)],), False
+        if u < self.job_rate_sum:
+            return t, "job", _pick(self.job_rate, u), ()
+        u -= self.job_rate_sum
+        if u < warn_total:
+            return t, "warn", RootCause.UNKNOWN, (self._draw(self.warn_hosts, self.warn_cum),)
+        u -= warn_total
+        cause = _pick(self.host_rate, self.rng.random() * self.host_rate_sum * (1 - 1e-12))
+        if u < active_total:
+            return t, "job", cause, (self._draw(self.active, self.cum),)
+        return t, "spare", cause, (self._draw(self.idle, self.idle_cum),)
+
+    def _draw(self, hosts: list[str], cum: list[float]) -> str:
+        i = bisect.bisect_left(cum, self.rng.random() * cum[-1])
+        return hosts[min(i, len(hosts) - 1)]
 
     def _detection(self, cause: RootCause) -> float:
         key = _DETECT.get(cause, "detect_hardware_s")
         return 0.0 if key is None else getattr(self.cfg, key)
 
+    def _diagnose(self, cause: RootCause, hosts: tuple[str, ...]) -> Verdict:
+        """The verdict the controller reaches: right, or drawn from the measured confusion. A wrong one costs what
+        it costs in the real policy: a cause blamed on a host that is not at fault takes that host out; a host
+        fault taken for something else leaves the host in, to fail again."""
+        said = cause
+        row = self.confusion.get(cause)
+        if row:
+            u = self.rng.random()
+            for predicted, p in row:
+                if u < p:
+                    said = predicted
+                    break
+                u -= p
+        if said != cause:
+            self.result.misdiagnosed += 1
+        blamed = hosts
+        if said.facts.host_fault and not hosts:  # a job-level fault blamed on a host of the job
+            blamed = (self.rng.choice(self.active),)
+        self.n_events += 1
+        # distinct text per event: a crash loop is the same failure again, not the same cause again
+        return Verdict(said, 1.0, blamed, (), (f"simulated {said.value} #{self.n_events}",), said.facts.action,
+                       "simulated failure")
+
     # --- the run --------------------------------------------------------------------------------------------
+    def _history(self) -> None:
+        """The fleet's record before the job (other jobs, same hosts): every host's failures and precursors of
+        the last `history_days`, as the store keeps them across jobs. Lemons found then are at RMA."""
+        span = self.cfg.history_days * DAY
+        if span <= 0:
+            return
+        causes = list(self.host_rate)
+        weights = [self.host_rate[c] for c in causes]
+        events: list[tuple[float, str, str, RootCause | None]] = []
+        for h in self.hosts:
+            self.responder.lemons.since[h] = -span
+            self.responder.lemons._since_sum -= span
+            lam_f = self.host_rate_sum * self.weight[h] * span
+            lam_w = self.warn_rate * (self.cfg.lemon_precursor_factor if h in self.lemons else 1.0) * span
+            for _ in range(_poisson(self.rng, lam_f)):
+                events.append((-span * self.rng.random(), "fail", h, self.rng.choices(causes, weights)[0]))
+            for _ in range(_poisson(self.rng, lam_w)):
+                events.append((-span * self.rng.random(), "warn", h, None))
+        for t, kind, h, cause in sorted(events, key=lambda e: e[0]):
+            if h not in self.responder.lemons.since or self.pool.state(h) == HostState.QUARANTINED:
+                continue  # at RMA: what it shows there is not seen
+            if kind == "warn":
+                flagged = self.responder.lemons.warn(h, t)
+            else:
+                assert cause is not None
+                flagged = self.responder.lemons.implicate(Verdict(cause, 1.0, (h,)), t)
+            for f in flagged:
+                self._lemon_out(f, t)
+        self._return_due(0.0)
+        self.result.lemons_before_job = self.result.lemons_found
+
     def run(self) -> SimResult:
         t0 = time.perf_counter()
-        cfg, end = self.cfg, self.cfg.days * DAY
-        if self._place([], 0.0) is None:
-            raise ConfigError("simulate: not enough hosts for the job")
-        clock, up_at = 0.0, 0.0  # the last event; when the job trains again (after detection, restart, restore)
+        end = self.cfg.days * DAY
+        self._history()
+        ready = 0.0
+        while self._place([], ready) is None:  # hosts the history sent away are not all back yet
+            if not self.returns:
+                raise ConfigError("simulate: not enough hosts for the job")
+            ready = self.returns[0][0]
+            self._return_due(ready)
+        self.split["idle"] += min(ready, end)
+        clock = up_at = ready  # the last event; when the job trains again (after detection, restart, restore)
         while True:
-            t, cause, hosts, planned = self._next_event(clock)
+            t, kind, cause, hosts = self._next_event(clock)
             if t >= end:
                 if up_at < end:
-                    self._add(_Segment(up_at).account(end, cfg, lost=False))
-                else:
+                    self._add(self._segment(up_at, end, lost=False))
+                elif self.result.interruptions:  # (else the job never started: the wall is all idle)
                     self._cut_recovery(up_at - end)
                 break
             self._return_due(t)
-            drained = planned or cause.facts.action == Action.DRAIN
-            if t < up_at:  # it struck the job while it was recovering: that recovery stops here and starts over
-                self._cut_recovery(up_at - t)
-                acc: dict[str, float] = {}
-                progressed = False
-            else:
-                acc = _Segment(up_at).account(t, cfg, lost=not drained)
-                if drained:  # a fresh checkpoint before going down: nothing lost, one more stall
-                    acc["checkpoint"] = acc.get("checkpoint", 0.0) + cfg.checkpoint_stall_s
-                progressed = _Segment.committed(t, up_at, cfg)
-            self._add(acc)
-            self.no_progress = 1 if progressed else self.no_progress + 1
-            detect = 0.0 if planned else self._detection(cause)
-            stall = cfg.checkpoint_stall_s if drained and "checkpoint" in acc else 0.0
-            now = t + stall + detect
-            self.n_events += 1
-            # distinct text per event: a crash loop is the same failure again, not the same cause again
-            verdict = Verdict(cause, 1.0, hosts, (), (f"simulated {cause.value} #{self.n_events}",),
-                              cause.facts.action, "planned maintenance" if planned else "simulated failure")
-            idle = 0.0
-            if planned:
-                action, evict, reason = Action.DRAIN, hosts, "planned maintenance: drain"
-                self._evict(hosts, RootCause.HOST_MAINTENANCE, now, [])
-            else:
-                lemons = self._timed(self.lemon.implicate, verdict, now)
-                decision = self._timed(self.policy.decide, verdict, self.history, self.restarts, self.no_progress)
-                self.history.append(verdict)
-                action, evict, reason = decision.action, decision.evict, decision.reason
-                idle = decision.backoff_s
-                if action == Action.STOP:  # a human looks, fixes, and restarts by hand; the budget starts over
-                    self.result.human_interventions += 1
-                    self.hold_until = max(self.hold_until, now + cfg.human_response_s)
-                    self.restarts, self.history = 0, []
-                self._evict(set(evict) | set(lemons), cause, now, lemons)
-            # a human already on it holds the restart, whatever else breaks meanwhile
-            idle = max(idle, self.hold_until - now)
-            self.restarts += 1
-            # wait for enough hosts (repairs coming back) before the restart can be placed
-            ready = now + idle  # absolute times: `now + (t - now)` can round below t and never arrive
-            while True:
-                self._return_due(ready)
-                if self._place(self.active, ready) is not None:
-                    break
-                if not self.returns:
-                    raise ConfigError("simulate: the job can never be placed again (no host in repair)")
-                self.result.waits_for_hosts += 1
-                ready = max(ready, self.returns[0][0])
-            idle = ready - now
-            restore = cfg.restore_memory_s if cfg.restore_memory_s > 0 and action != Action.STOP \
-                else cfg.restore_disk_s
-            for k, v in (("detection", detect), ("idle", idle), ("restart", cfg.restart_s), ("restore", restore)):
-                self.split[k] += v
-            self.result.interruptions.append(SimInterruption(
-                t, cause, planned, tuple(evict), detect, cfg.restart_s, restore, acc.get("lost_work", 0.0), idle,
-                action, reason, stall))
-            clock, up_at = t, now + idle + cfg.restart_s + restore
+            clock = t
+            if kind == "warn":
+                for h in self._timed(self.responder.lemons.warn, hosts[0], t):
+                    self._lemon_out(h, t)
+                continue
+            if kind == "spare":  # an idle host fails: its agent says so, it goes for repair; the job goes on
+                self.result.spare_failures += 1
+                verdict = self._diagnose(cause, hosts)
+                lemons = self._timed(self.responder.lemons.implicate, verdict, t)
+                self.pool.quarantine(hosts[0], cause.value, t)
+                self._out(hosts, cause, t, lemons)
+                continue
+            up_at = self._interruption(t, kind == "planned", cause, hosts, up_at)
         self.result.sim_wall_s = time.perf_counter() - t0
+        self.result.lemons_still_in = len(self.lemons)
         return self.result
+
+    def _lemon_out(self, h: str, t: float) -> None:
+        """Flagged from its precursors: out of the next placement, and off to RMA (an idle one at once)."""
+        self._timed(self.pool.quarantine, h, f"lemon: {self.responder.lemons.explain(h, t)}", t)
+        self._out([h], RootCause.UNKNOWN, t, [h])
+
+    def _interruption(self, t: float, planned: bool, cause: RootCause, hosts: tuple[str, ...], up_at: float) -> float:
+        cfg = self.cfg
+        drained = planned or cause.facts.action == Action.DRAIN
+        if t < up_at:  # it struck the job while it was recovering: that recovery stops here and starts over
+            self._cut_recovery(up_at - t)
+            acc: dict[str, float] = {}
+            progressed = False
+        else:
+            acc = self._segment(up_at, t, lost=not drained)
+            if drained:  # a fresh checkpoint before going down: nothing lost, one more stall
+                acc["checkpoint"] = acc.get("checkpoint", 0.0) + cfg.checkpoint_stall_s
+            progressed = t - up_at >= self.interval_s + cfg.checkpoint_stall_s
+        self._add(acc)
+        detect = 0.0 if planned else self._detection(cause)
+        stall = cfg.checkpoint_stall_s if drained and "checkpoint" in acc else 0.0
+        now = t + stall + detect
+        if planned:
+            self.n_events += 1
+            verdict = Verdict(RootCause.HOST_MAINTENANCE, 1.0, hosts, (), (f"planned #{self.n_events}",),
+                              Action.DRAIN, "planned maintenance")
+            response = self._timed(self.responder.drain, verdict, self.pool, now)
+        else:
+            verdict = self._diagnose(cause, hosts)
+            response = self._timed(self.responder.respond, verdict, progressed, self.pool, now)
+            if response.page:  # a human looks, fixes, and restarts by hand; the budget starts over
+                self.result.human_interventions += 1
+                self.hold_until = max(self.hold_until, now + cfg.human_response_s)
+                self.responder.human_reset()
+        self._out(response.out, verdict.cause, now, response.lemons)
+        for h in hosts:  # a faulty host the verdict left in service fails again
+            if cause.facts.host_fault and h not in response.out:
+                self.faulty.add(h)
+                self.refails[h] = (now + self.rng.expovariate(1 / cfg.refail_s), cause)
+        # a human already on it holds the restart, whatever else breaks meanwhile
+        idle = max(response.backoff_s, self.hold_until - now)
+        ready = now + idle  # absolute times: `now + (t - now)` can round below t and never arrive
+        while True:  # wait for enough hosts (repairs coming back) before the restart can be placed
+            self._return_due(ready)
+            if self._place(self.active, ready) is not None:
+                break
+            if not self.returns:
+                raise ConfigError("simulate: the job can never be placed again (no host in repair)")
+            self.result.waits_for_hosts += 1
+            ready = max(ready, self.returns[0][0])
+        idle = ready - now
+        restore = cfg.restore_memory_s if cfg.restore_memory_s > 0 and not response.page else cfg.restore_disk_s
+        for k, v in (("detection", detect), ("idle", idle), ("restart", cfg.restart_s), ("restore", restore)):
+            self.split[k] += v
+        lost = acc.get("lost_work", 0.0)
+        self.result.interruptions.append(SimInterruption(
+            t, cause, planned, response.out, detect, cfg.restart_s, restore, lost, idle, response.action,
+            response.reason, stall, verdict.cause, int(lost // cfg.step_s), hosts))
+        return now + idle + cfg.restart_s + restore
+
+    def _segment(self, start: float, t: float, lost: bool) -> dict[str, float]:
+        """Training from `start` to `t`: checkpoints every interval of work (whole steps), each blocking for the
+        stall; the steps since the last checkpoint, and the one in flight, are lost if the job fails at `t`."""
+        cfg = self.cfg
+        e = max(0.0, t - start)
+        cycle = self.interval_s + cfg.checkpoint_stall_s
+        k = math.floor(e / cycle)
+        r = e - k * cycle
+        work, stall = min(r, self.interval_s), max(0.0, r - self.interval_s)
+        out = {"productive": k * self.interval_s, "checkpoint": k * cfg.checkpoint_stall_s + stall}
+        if lost:
+            out["lost_work"] = work
+        else:
+            out["productive"] += work
+        return out
 
     def _cut_recovery(self, excess: float) -> None:
         """The last recovery did not run to its end: take the unused tail off its restore, restart, idle,
@@ -364,6 +511,25 @@ class Simulation:
     def _add(self, acc: dict[str, float]) -> None:
         for k, v in acc.items():
             self.split[k] += v
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """Knuth's method (lam is small here: a host's events in a few weeks)."""
+    if lam <= 0:
+        return 0
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def measured_confusion(path: Path = CONFUSION) -> dict[RootCause, list[tuple[RootCause, float]]]:
+    """Each true cause -> [(verdict, probability)], from `herdsman diagnose --eval` on the public corpus."""
+    counts: dict[RootCause, Counter[RootCause]] = {}
+    for row in json.loads(Path(path).read_text())["confusion"]:
+        counts.setdefault(RootCause(row["label"]), Counter())[RootCause(row["predicted"])] += int(row["count"])
+    return {c: [(p, n / sum(row.values())) for p, n in row.most_common()] for c, row in counts.items()}
 
 
 def _pick(rates: dict[RootCause, float], u: float) -> RootCause:

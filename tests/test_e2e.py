@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from herdsman.config import load_config
+from herdsman.layout import stats_dir
 from herdsman.events import HostState
 from herdsman.taxonomy import RootCause
 from orchestrator.cluster import LocalCluster, connect
@@ -83,7 +84,7 @@ def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, t
     job = store.job("xid79")
     assert job.state == "finished" and job.last_step == STEPS and job.productive_s > 0
     # the quarantined host never got a rank again
-    victim_stats = sorted(p.name for p in (tmp_path / "run" / "nodes" / victim / "stats").glob("*.jsonl"))
+    victim_stats = sorted(p.name for p in stats_dir(tmp_path / "run", victim, "xid79").glob("*.jsonl"))
     assert victim_stats and all("attempt0000" in n for n in victim_stats)
 
 
@@ -125,7 +126,7 @@ def test_hung_rank_is_found_by_the_flight_recorder_and_the_job_restarts(cluster,
     assert "never joined" in verdict["evidence"][0] and "gloo:" in verdict["evidence"][0]
     assert any("asked live ranks [1]" in d for d in st["decisions"])
     assert st["hosts"][victim] == "suspect"
-    dumps = sorted(p.name for p in (tmp_path / "run" / "nodes").glob("*/flight_recorder/*attempt0000.json"))
+    dumps = sorted(p.name for p in (tmp_path / "run" / "nodes").glob("*/jobs/hang/flight_recorder/*attempt0000.json"))
     assert len(dumps) == 3
 
 

@@ -16,6 +16,8 @@ from herdsman.events import TIME_SPLIT
 from herdsman.taxonomy import TABLE5_PLANNED, TABLE5_UNEXPECTED, RootCause
 from orchestrator.simulate import expected_unexpected, parse_values, profile, simulate
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
 SEEDS = range(6)
 
 
@@ -25,11 +27,12 @@ def llama3_runs():
 
 
 def test_llama3_profile_lands_near_466_interruptions_and_90_percent(llama3_runs):
-    n = [len(r.interruptions) for r in llama3_runs]
+    # the failure process is calibrated on a homogeneous fleet: Table 5's rates exactly (lemons are an assumption
+    # on top, and the detector takes most of them out before or early in the job)
+    plain = [len(simulate(profile("llama3", seed=s, lemon_share=0.0)).interruptions) for s in SEEDS]
+    # Poisson: sd ~ sqrt(466) ~ 22 per run; the mean of 6 runs within ~2 sd of its own error
+    assert abs(statistics.mean(plain) - (TABLE5_UNEXPECTED + TABLE5_PLANNED)) < 25, plain
     e = [r.ettr for r in llama3_runs]
-    # Poisson: sd ~ sqrt(466) ~ 22 per run; the mean of 6 runs within ~2 sd of its own error, plus the few the
-    # lemon repairs remove (lemons come back from RMA as normal hosts)
-    assert abs(statistics.mean(n) - (TABLE5_UNEXPECTED + TABLE5_PLANNED)) < 35, n
     assert 0.86 < statistics.mean(e) < 0.93, e
     for r in llama3_runs:
         assert r.split["lost_work"] > r.split["restart"] > 0  # 30-min checkpoints: lost work dominates
@@ -81,14 +84,51 @@ def test_too_few_spares_and_slow_repairs_leave_the_job_waiting():
     assert roomy.ettr > tight.ettr
 
 
-def test_lemon_detection_takes_lemons_out():
-    cfg = profile("llama3", gpus=4096, days=30, lemon_share=0.05, lemon_factor=40, failure_scale=3)
-    found = simulate(cfg)
-    assert found.lemons_found >= 3 and found.lemons_found / found.lemons_flagged > 0.5
-    blind = simulate(dataclasses.replace(cfg, lemon_threshold=10_000))
-    assert blind.lemons_flagged == 0
-    # lemons that go back into service keep failing: more interruptions without the detector
-    assert len(blind.unexpected) > len(found.unexpected)
+def test_lemon_detection_finds_lemons_without_taking_healthy_hosts(llama3_runs):
+    """The default 54-day run: 2% of hosts fail 15x as often and show precursors 5x as often."""
+    recall = statistics.mean(r.lemon_recall for r in llama3_runs)
+    precision = statistics.mean(r.lemon_precision for r in llama3_runs)
+    assert recall >= 0.8 and precision >= 0.9, (recall, precision)
+    assert statistics.mean(r.healthy_flagged for r in llama3_runs) <= 3
+    # without its precursors and the fleet's history the same detector finds far fewer: both carry weight
+    blind = simulate(profile("llama3", seed=0, precursor_per_day=0.0, history_days=0.0))
+    assert blind.lemon_recall < recall - 0.2
+    # lemons that stay in service keep failing: more interruptions with the detector off
+    off = simulate(profile("llama3", seed=0, lemon_threshold=10_000, lemon_precursor_factor=1.0, history_days=0.0))
+    assert len(off.unexpected) > statistics.mean(len(r.unexpected) for r in llama3_runs)
+
+
+def test_wrong_verdicts_cost_what_they_cost_in_the_policy():
+    perfect = [simulate(profile("llama3", gpus=4096, seed=s)) for s in range(3)]
+    measured = [simulate(profile("llama3", gpus=4096, seed=s, diagnosis="measured")) for s in range(3)]
+    assert all(r.misdiagnosed == 0 for r in perfect) and all(r.misdiagnosed > 0 for r in measured)
+    wrong = [i for r in measured for i in r.interruptions if i.verdict is not None and i.verdict != i.cause]
+    assert wrong and all(i.verdict != i.cause for i in wrong)
+    # a host fault taken for a software bug or an unknown leaves the host in: it fails again
+    kept = [(r, i) for r in measured for i in r.interruptions
+            if i.verdict is not None and i.verdict != i.cause and i.cause.facts.host_fault and not i.hosts]
+    assert kept
+    # ... and the same fault strikes again later (the simulator's refail), until a verdict takes the host out
+    again = [(r, i) for r, i in kept
+             if any(j.time > i.time and j.struck == i.struck and j.cause == i.cause for j in r.interruptions)]
+    assert again
+
+
+def test_the_confusion_the_simulator_draws_from_is_the_corpus_score():
+    from orchestrator.diagnose_eval import evaluate, load_corpus
+    from orchestrator.simulate import CONFUSION
+
+    corpus = sorted(str(p) for p in (ROOT / "tests" / "corpus").glob("*.jsonl"))
+    score = evaluate(load_corpus(corpus))
+    stored = json.loads(CONFUSION.read_text())
+    assert stored["confusion"] == score.to_json()["confusion"], "regenerate orchestrator/diagnosis_confusion.json"
+
+
+def test_idle_spares_fail_and_lost_work_is_whole_steps():
+    r = simulate(profile("llama3", gpus=4096, seed=3, spare_hosts=64))
+    assert r.spare_failures > 0
+    for i in r.interruptions:
+        assert i.lost_steps == int(i.lost_work_s // r.cfg.step_s)
 
 
 def test_a_dependency_break_pages_a_human_and_costs_the_response_time():
