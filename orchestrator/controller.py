@@ -42,7 +42,7 @@ from orchestrator.recovery import Recovered, recover
 from orchestrator.responder import FailureResponder
 from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
     ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, State, Stopped, legal)
-from orchestrator.store import Store
+from orchestrator.store import HostIncident, Store
 from orchestrator.store_writer import StoreWriter
 
 log = logging.getLogger("herdsman.controller")
@@ -74,6 +74,7 @@ class Controller(Operations):
         self.responder = responder or FailureResponder(c, LemonDetector(
             c.lemon_window_s, c.lemon_threshold, factor=c.lemon_factor, warning_factor=c.lemon_warning_factor,
             prior_share=c.lemon_prior_share))
+        self._remember_hosts()
         self.lock = threading.RLock()
         self.state: State = Scheduling(clock())
         self.decisions: deque[str] = deque(maxlen=500)
@@ -100,6 +101,16 @@ class Controller(Operations):
             self.records.upsert_job(config.job, state="scheduling", started_at=self.ledger.started_at,
                                     target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
                                     last_step=0, productive_s=0.0, checkpoint_s=0.0)
+
+    def _remember_hosts(self) -> None:
+        """Each host's failures and precursors from earlier jobs (the lemon detector's record), and from now on
+        every new one kept in the store."""
+        lemons = self.responder.lemons
+        since = self.clock() - max(self.cfg.controller.lemon_window_s, 90 * 86400.0)
+        lemons.restore(self.store.hosts_first_seen(),
+                       [(i.host, i.time, i.kind, i.cause) for i in self.store.incidents(since)])
+        lemons.on_record = lambda host, t, kind, cause: self.records.record_incident(
+            HostIncident(host, t, kind, cause, self.cfg.job))
 
     def _carry_on(self, r: Recovered) -> None:
         """A restarted controller (Ray's max_restarts) picks the job up where the dead one left it.
@@ -240,6 +251,7 @@ class Controller(Operations):
                      f"{', '.join(hosts)}")
         self.group = self.fleet.start_group([(h, self.nodes[h]) for h in hosts], self.attempt, env)
         self.previous = hosts
+        self.group.start()
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(self.group, self.clock())
 

@@ -53,7 +53,8 @@ class Fleet(Protocol):
     def has_agent(self, host: str) -> bool: ...
     def health_check(self, host: str) -> list[str]: ...
     def inject(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str: ...
-    def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group: ...
+    def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
+        """The ranks of one attempt on `placement` (host, node id), not started yet."""
     def close(self) -> None: ...
 
 
@@ -141,10 +142,8 @@ class RayFleet:
     def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
         from orchestrator.workers import WorkerGroup
 
-        group = WorkerGroup(placement, self.cfg.trainer.ranks_per_host, attempt, env, self.run_dir, self.cfg.job,
-                            self.cwd, self.rank_actors, self.cfg.controller.warm_standby)
-        group.start()
-        return group
+        return WorkerGroup(placement, self.cfg.trainer.ranks_per_host, attempt, env, self.run_dir, self.cfg.job,
+                           self.cwd, self.rank_actors, self.cfg.controller.warm_standby)
 
     def close(self) -> None:
         import ray

@@ -10,6 +10,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from herdsman.config import ControllerConfig
 from herdsman.events import HostState, HostStatus, Verdict
@@ -149,6 +150,9 @@ def signature(v: Verdict) -> tuple:
     return (v.cause, tuple(re.sub(r"^\[[^\]]*\]\s*", "", line) for line in v.evidence))
 
 
+_CAUSES = {c.value for c in RootCause}
+
+
 class LemonDetector:
     """Finds lemons: hosts that fail far more often than the fleet, though each failure alone looked transient.
 
@@ -176,6 +180,7 @@ class LemonDetector:
         self.failures: dict[str, int] = {}
         self.warnings: dict[str, int] = {}
         self.flagged: set[str] = set()
+        self.on_record: Callable[[str, float, str, str], None] | None = None  # (host, time, kind, cause): to keep
         # fleet totals, kept incrementally: events and host-time (sum over hosts of now - since)
         self._n_failures = self._n_warnings = 0
         self._since_sum = 0.0
@@ -209,6 +214,8 @@ class LemonDetector:
                 q.popleft()
             self.failures[h] = self.failures.get(h, 0) + 1
             self._n_failures += 1
+            if self.on_record:
+                self.on_record(h, now, "failure", verdict.cause.value)
             if self._newly_flagged(h, now, len(q) >= self.threshold):
                 out.append(h)
         return out
@@ -218,6 +225,8 @@ class LemonDetector:
         self.enroll(host, now)
         self.warnings[host] = self.warnings.get(host, 0) + 1
         self._n_warnings += 1
+        if self.on_record:
+            self.on_record(host, now, "precursor", "")
         return [host] if self._newly_flagged(host, now, False) else []
 
     def _newly_flagged(self, h: str, now: float, by_count: bool) -> bool:
@@ -225,6 +234,20 @@ class LemonDetector:
             return False
         self.flagged.add(h)
         return True
+
+    def restore(self, first_seen: dict[str, float], incidents: list[tuple[str, float, str, str]]) -> None:
+        """Each host's record as the store kept it across jobs: (host, time, kind, cause), oldest first."""
+        hook, self.on_record = self.on_record, None  # replayed, not recorded again
+        try:
+            for h, t in first_seen.items():
+                self.enroll(h, t)
+            for h, t, kind, cause in incidents:
+                if kind == "failure":
+                    self.implicate(Verdict(RootCause(cause) if cause in _CAUSES else RootCause.UNKNOWN, 1.0, (h,)), t)
+                else:
+                    self.warn(h, t)
+        finally:
+            self.on_record = hook
 
     # --- the test -----------------------------------------------------------------------------------------
     def rates(self, now: float) -> tuple[float, float] | None:

@@ -79,9 +79,9 @@ class FailureResponder:
         self.restarts, self.history, self.failures_without_progress = 0, [], 0
 
     def remember(self, interruptions: Iterable[Interruption]) -> None:
-        """A restarted controller: the job's earlier interruptions count as if this responder had seen them."""
+        """A restarted controller: the job's earlier interruptions count for the crash-loop guard and the budget
+        as if this responder had seen them (each host's record comes back from the store's incidents)."""
         for it in sorted(interruptions, key=lambda i: i.failed_at):
             self.history.append(it.verdict)
-            self.lemons.implicate(it.verdict, it.failed_at)
             if not it.planned:
                 self.restarts += 1

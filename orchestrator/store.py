@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, event, inspect, select
+from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, event, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -93,6 +93,29 @@ class HostEventRow(Base):
     state: Mapped[str] = mapped_column(String(32))
     time: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(String(2000), default="")
+
+
+class HostIncidentRow(Base):
+    __tablename__ = "host_incidents"
+    __table_args__ = (UniqueConstraint("host", "kind", "time", name="uq_host_incident"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(200), index=True)
+    time: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(16))  # failure | precursor
+    cause: Mapped[str] = mapped_column(String(64))
+    job: Mapped[str] = mapped_column(String(200))
+
+
+@dataclass(frozen=True)
+class HostIncident:
+    """A failure a verdict blamed on a host, or a precursor it showed: the lemon detector's record, kept across
+    jobs."""
+
+    host: str
+    time: float
+    kind: str  # "failure" | "precursor"
+    cause: str = ""
+    job: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,6 +245,29 @@ class Store:
         with self._session() as s:
             rows = list(s.scalars(q))
         return iter([HostStatus(r.host, HostState(r.state), r.time, r.reason) for r in rows])
+
+    # --- each host's record across jobs ---------------------------------------------------------------------
+    @_guarded
+    def record_incident(self, inc: HostIncident) -> None:
+        with self._session() as s, s.begin():
+            key = (HostIncidentRow.host == inc.host, HostIncidentRow.kind == inc.kind, HostIncidentRow.time == inc.time)
+            if s.scalars(select(HostIncidentRow.id).where(*key)).first() is None:  # a retried write adds nothing
+                s.add(HostIncidentRow(host=inc.host, time=inc.time, kind=inc.kind, cause=inc.cause, job=inc.job))
+
+    @_guarded
+    def incidents(self, since: float | None = None) -> list[HostIncident]:
+        q = select(HostIncidentRow).order_by(HostIncidentRow.time)
+        if since is not None:
+            q = q.where(HostIncidentRow.time >= since)
+        with self._session() as s:
+            return [HostIncident(r.host, r.time, r.kind, r.cause, r.job) for r in s.scalars(q)]
+
+    @_guarded
+    def hosts_first_seen(self) -> dict[str, float]:
+        """When each host first entered the store's history (the start of its record)."""
+        with self._session() as s:
+            rows = s.execute(select(HostEventRow.host, func.min(HostEventRow.time)).group_by(HostEventRow.host))
+            return {h: float(t) for h, t in rows}
 
     def close(self) -> None:
         self.engine.dispose()

@@ -11,6 +11,7 @@ writer of the same job, so nothing is lost even if the store never came back dur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from herdsman.events import HostState, HostStatus, Interruption, interruption_from_dict, to_dict
-from orchestrator.store import Store
+from orchestrator.store import HostIncident, Store
 
 log = logging.getLogger("herdsman.store")
 Key = tuple[str, ...]
@@ -57,6 +58,9 @@ class StoreWriter:
 
     def set_host_state(self, status: HostStatus) -> None:
         self._put(("host", status.host, status.state.value, repr(status.since)), ("set_host_state", status))
+
+    def record_incident(self, inc: HostIncident) -> None:
+        self._put(("incident", inc.host, inc.kind, repr(inc.time)), ("record_incident", inc))
 
     def _put(self, key: Key, op: tuple[str, Any]) -> None:
         with self._cv:
@@ -148,6 +152,8 @@ class StoreWriter:
             self.store.upsert_job(name, **fields)
         elif kind == "record_interruption":
             self.store.record_interruption(arg)
+        elif kind == "record_incident":
+            self.store.record_incident(arg)
         else:
             self.store.set_host_state(arg)
 
@@ -186,6 +192,8 @@ class StoreWriter:
                 self.upsert_job(arg[0], **arg[1])
             elif kind == "record_interruption":
                 self.record_interruption(arg)
+            elif kind == "record_incident":
+                self.record_incident(arg)
             else:
                 self.set_host_state(arg)
             n += 1
@@ -196,7 +204,7 @@ class StoreWriter:
 def _encode(kind: str, arg: Any) -> Any:
     if kind == "upsert_job":
         return [arg[0], arg[1]]
-    return to_dict(arg)
+    return dataclasses.asdict(arg) if kind == "record_incident" else to_dict(arg)
 
 
 def _decode(kind: str, arg: Any) -> Any:
@@ -204,6 +212,9 @@ def _decode(kind: str, arg: Any) -> Any:
         return (str(arg[0]), dict(arg[1]))
     if kind == "record_interruption":
         return interruption_from_dict(arg)
+    if kind == "record_incident":
+        return HostIncident(str(arg["host"]), float(arg["time"]), str(arg["kind"]), str(arg.get("cause", "")),
+                            str(arg.get("job", "")))
     if kind == "set_host_state":
         return HostStatus(str(arg["host"]), HostState(arg["state"]), float(arg["since"]), str(arg.get("reason", "")))
     raise ValueError(f"unknown spooled operation {kind!r}")

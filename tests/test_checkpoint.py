@@ -2,6 +2,7 @@
 corruption found and rolled back, operator pins, no silent fresh start, the Young/Daly suggestion."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,10 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import faults
-from trainer.checkpoint import PIN, Checkpointer, committed, latest_valid, pin, unpin, verify
-from trainer.interval import young_daly
 from tests.trainer_runs import ROOT, free_port, launch, losses, write_config
+from trainer import faults
+from trainer.checkpoint import (
+    MANIFEST,
+    PIN,
+    Checkpointer,
+    Pending,
+    committed,
+    latest_valid,
+    pin,
+    unpin,
+    verify,
+    write_manifest,
+)
+from trainer.interval import young_daly
 
 STEPS, EVERY = 12, 4
 
@@ -208,3 +220,153 @@ def test_cli_pins_only_a_checkpoint_that_verifies(tmp_path):
     assert r.exit_code == 2 and "never committed" in r.output
     assert CliRunner().invoke(main, ["checkpoint", "unpin", str(root / "step-00000002")]).exit_code == 0
     assert not (root / "step-00000002" / PIN).exists()
+
+
+# --- retention and re-saves, on checkpoints made by hand (no training run) --------------------------------------
+
+def _saved(root: Path, step: int, save_id: str) -> Pending:
+    """A save written (as DCP leaves it) and not yet committed."""
+    tmp = root / f"step-{step:08d}.{save_id}.tmp"
+    tmp.mkdir(parents=True)
+    (tmp / ".metadata").write_bytes(f"metadata of {save_id}".encode())
+    (tmp / "__0_0.distcp").write_bytes(save_id.encode() * 1000)
+    return Pending(step, tmp, 0.0, save_id)
+
+
+def _committed_by_hand(root: Path, step: int, broken: bool = False) -> Path:
+    p = _saved(root, step, f"hand{step}")
+    write_manifest(p.tmp, step, 1, p.save_id)
+    if broken:
+        (p.tmp / MANIFEST).write_text("{")
+    return p.tmp.rename(root / f"step-{step:08d}")
+
+
+def _names(root: Path) -> list[int]:
+    return [int(p.name[5:]) for p in committed(root)]
+
+
+def test_retention_never_deletes_the_newest_checkpoint_that_verifies(tmp_path):
+    root = tmp_path / "t"
+    _committed_by_hand(root, 2)
+    for step in (6, 8):
+        _committed_by_hand(root, step, broken=True)
+    # a restart resumed from step 2 (6 and 8 do not load) and saves step 4: it outranks nothing by name
+    logs = []
+    ck = Checkpointer(root, 2, 0, 1, log=logs.append)
+    ck._commit(_saved(root, 4, "b"))
+    assert _names(root) == [8, 6, 4]  # the two newest by name, and the one that loads
+    assert latest_valid(root, warn=lambda m: None).save_id == "b"
+    assert sum("retention: " in m and "corrupt manifest" in m for m in logs) == 2
+
+
+def test_three_broken_checkpoints_do_not_push_out_the_last_good_one(tmp_path):
+    root = tmp_path / "t"
+    _committed_by_hand(root, 1)
+    pin(root / "step-00000001", "known good")
+    _committed_by_hand(root, 2)
+    for step in (3, 4, 5):
+        _committed_by_hand(root, step, broken=True)
+    ck = Checkpointer(root, 3, 0, 1, log=lambda m: None)
+    ck._retain()
+    assert _names(root) == [5, 4, 3, 2, 1]  # 2 verifies; 1 is pinned
+    ck._commit(_saved(root, 6, "c"))
+    assert _names(root) == [6, 5, 4, 1]  # 6 verifies now: 2 may go; the pin stays
+
+
+def test_retention_reads_a_checkpoint_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    import trainer.checkpoint as ckmod
+
+    calls = []
+    real = ckmod.verify
+    monkeypatch.setattr(ckmod, "verify", lambda p: calls.append(Path(p).name) or real(p))
+    root = tmp_path / "t"
+    ck = Checkpointer(root, 2, 0, 1, log=lambda m: None)
+    for step in range(1, 6):
+        ck._commit(_saved(root, step, f"s{step}"))
+    assert calls == [] and _names(root) == [5, 4]  # a fresh commit is known good: nothing is read again
+    for step in (9, 8):
+        _committed_by_hand(root, step, broken=True)
+    ck._commit(_saved(root, 6, "s6"))
+    ck._commit(_saved(root, 7, "s7"))
+    assert calls == ["step-00000009", "step-00000008"]  # each broken one read once, not at every commit
+    assert _names(root) == [9, 8, 7]
+    (root / "step-00000009" / MANIFEST).write_text("{}")  # changed: read again
+    ck._retain()
+    assert calls[2:] == ["step-00000009"]
+
+
+class Killed(BaseException):
+    pass
+
+
+def _watch(monkeypatch, root: Path, kill_at: int | None = None) -> list[tuple[str, str | None]]:
+    """Every rename, exchange and deletion from here on: (which, the save id latest_valid would load after it);
+    the `kill_at`-th (1-based) raises Killed instead of happening, as a kill -9 right before it would."""
+    import trainer.checkpoint as ckmod
+
+    seen: list[tuple[str, str | None]] = []
+
+    def hook(name, real):
+        def run(*a, **k):
+            if len(seen) + 1 == kill_at:
+                raise Killed(name)
+            out = real(*a, **k)
+            info = latest_valid(root, warn=lambda m: None)
+            seen.append((name, info.save_id if info is not None and info.step == 4 else None))
+            return out
+        return run
+
+    monkeypatch.setattr(ckmod, "_exchange", hook("exchange", getattr(ckmod, "_exchange", None)), raising=False)
+    monkeypatch.setattr(os, "replace", hook("replace", os.replace))
+    monkeypatch.setattr(shutil, "rmtree", hook("rmtree", shutil.rmtree))
+    return seen
+
+
+@pytest.mark.parametrize("kill_at", [None, 1, 2, 3])
+def test_a_resave_replaces_the_step_with_a_whole_checkpoint_at_every_instant(tmp_path, monkeypatch, kill_at):
+    root = tmp_path / "t"
+    ck = Checkpointer(root, 3, 0, 1, log=lambda m: None)
+    ck._commit(_saved(root, 4, "a"))
+    again = _saved(root, 4, "b")  # a restart resumed from an older checkpoint and saves step 4 once more
+    seen = _watch(monkeypatch, root, kill_at)
+    try:
+        ck._commit(again)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    # the manifest's rename, the exchange of the two directories, the deletion of the old one
+    assert [op for op, _ in seen] == ["replace", "exchange", "rmtree"][: (kill_at or 4) - 1]
+    assert all(sid in ("a", "b") for _, sid in seen), seen  # step 4 loads at every instant
+    assert latest_valid(root, warn=lambda m: None).save_id == ("a" if kill_at in (1, 2) else "b")
+    ck._commit(_saved(root, 5, "c"))  # whatever a kill left behind is swept by the next commit
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_a_resave_without_an_atomic_exchange_has_a_single_rename_window(tmp_path, monkeypatch):
+    import errno
+
+    import trainer.checkpoint as ckmod
+
+    def unsupported(a, b):
+        raise OSError(errno.EINVAL, "RENAME_EXCHANGE not supported")
+
+    root = tmp_path / "t"
+    ck = Checkpointer(root, 3, 0, 1, log=lambda m: None)
+    ck._commit(_saved(root, 4, "a"))
+    monkeypatch.setattr(ckmod, "_exchange", unsupported, raising=False)
+    seen = _watch(monkeypatch, root, kill_at=3)  # killed between the two renames
+    with pytest.raises(Killed):
+        ck._commit(_saved(root, 4, "b"))
+    monkeypatch.undo()
+    assert seen == [("replace", "a"), ("replace", None)]  # the one instant without step 4: one rename long
+    (aside,) = root.glob("step-00000004.*.replaced.tmp")
+    assert verify(aside).save_id == "a"  # the old one is whole, under a name only retention's sweep touches
+    ck._commit(_saved(root, 4, "c"))  # the next save of step 4 finds none: a plain rename; the sweep tidies
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+    # and without a kill: old aside, new in, old deleted after
+    monkeypatch.setattr(ckmod, "_exchange", unsupported, raising=False)
+    seen = _watch(monkeypatch, root)
+    ck._commit(_saved(root, 4, "d"))
+    monkeypatch.undo()
+    assert seen == [("replace", "c"), ("replace", None), ("replace", "d"), ("rmtree", "d")]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]

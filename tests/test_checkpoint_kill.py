@@ -6,12 +6,13 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 
 import pytest
 
-from trainer.checkpoint import committed, latest_valid, verify
 from tests.trainer_runs import start, write_config
+from trainer.checkpoint import committed, latest_valid, verify
 
 pytestmark = pytest.mark.slow
 TRIALS, EVERY = 50, 2
@@ -55,7 +56,7 @@ def test_fifty_kills_during_saves_never_resume_from_a_partial_checkpoint(tmp_pat
         for p in procs:
             try:
                 outs.append(p.communicate(timeout=30)[0])
-            except Exception:
+            except subprocess.TimeoutExpired:
                 p.kill()
                 raise AssertionError(f"attempt {attempt}: the surviving rank did not exit")
         if resumed_from is not None:

@@ -401,3 +401,25 @@ def test_only_legal_transitions_are_taken():
     assert legal(Running(None, 0.0), Failing(None, 0.0)) and not legal(Finished(), Running(None, 0.0))
     assert not legal(Scheduling(0.0), Failing(None, 0.0)) and not legal(BackingOff(0.0), Running(None, 0.0))
     assert all(legal(s_cls.__new__(s_cls), Stopped("x")) for s_cls in TRANSITIONS if s_cls is not Finished)
+
+
+def test_each_hosts_record_outlives_the_job(make, tmp_path):
+    """Failures and precursors are kept in the store by host; the next job's controller starts from them."""
+    from herdsman.events import Verdict
+
+    ctrl, fleet, clock = running(make, lemon_threshold=3)
+    lemons = ctrl.responder.lemons
+    for _ in range(2):
+        clock.advance(3600)
+        lemons.implicate(Verdict(RootCause.FAULTY_GPU, 0.9, ("host-2",)), clock())
+    lemons.warn("host-3", clock())
+    assert ctrl.records.flush(2)
+    ctrl.records.close(1)
+    ctrl.store.upsert_job("unit", state="finished")  # the job ended; a new one starts in the same fleet
+    nxt, _, clock2 = make()
+    assert nxt.recovered is None
+    again = nxt.responder.lemons
+    assert again.failures["host-2"] == 2 and again.warnings["host-3"] == 1
+    # the third failure, in the new job, makes it a lemon by the count rule (3 within the window)
+    clock2.t = clock.t + 3600
+    assert again.implicate(Verdict(RootCause.FAULTY_GPU, 0.9, ("host-2",)), clock2()) == ["host-2"]

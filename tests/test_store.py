@@ -85,7 +85,7 @@ def test_a_database_from_before_migrations_is_upgraded_in_place(url):
     s = Store(url)
     drop_everything(s)
     s = Store(old_database(url))
-    assert schema_revision(s.engine) == "0002"
+    assert schema_revision(s.engine) == "0003"
     job = s.job("llama3-demo")
     assert (job.state, job.last_step, job.attempt) == ("finished", 60, 2)
     (it,) = s.interruptions("llama3-demo")

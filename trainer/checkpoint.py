@@ -1,29 +1,36 @@
 """Sharded torch.distributed.checkpoint (DCP) checkpoints that count only once complete.
 
-Protocol: every rank writes its shards with `dcp.save` into `step-NNNNNNNN.tmp`; DCP's coordinator writes
-`.metadata` last; then rank 0 writes `herdsman.json` (the manifest: step, world size, every file with its size and
-CRC32) and renames the directory to `step-NNNNNNNN`. A directory without the final name and a valid manifest is
-never loaded. Loading verifies the manifest first and falls back to the next older checkpoint, saying why.
+Protocol: every rank writes its shards with `dcp.save` into `step-NNNNNNNN.<save id>.tmp`; DCP's coordinator
+writes `.metadata` last; then rank 0 writes `herdsman.json` (the manifest: step, world size, every file with its
+size and CRC32; trainer/manifest.py) and renames the directory to `step-NNNNNNNN`. A directory without the final
+name and a valid manifest is never loaded. Loading verifies the manifest first and falls back to the next older
+checkpoint, saying why. Retention never deletes the newest checkpoint that verifies.
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
+import errno
+import functools
 import os
 import re
 import secrets
 import shutil
+import sys
 import threading
 import time
-import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import (
+    AsyncStager,
+    DefaultStager,
+    StagingOptions,
+)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -31,38 +38,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from herdsman import HerdsmanError
+from trainer.manifest import (  # the manifest's code lives there; re-exported from here
+    MANIFEST,
+    PIN,
+    SUSPECT,
+    CheckpointError,
+    CheckpointInfo,
+    fingerprint,
+    verify,
+    write_manifest,
+)
 from trainer.memory_tier import MemoryTier, copy_into, to_local
 
-MANIFEST = "herdsman.json"
-PIN = "PINNED"
+__all__ = ["MANIFEST", "PIN", "SUSPECT", "CheckpointError", "CheckpointInfo", "Checkpointer", "Pending", "committed",
+           "latest_valid", "now_requested", "pin", "request_now", "step_dir", "unpin", "verify", "write_manifest"]
 _NAME = re.compile(r"^step-(\d{8})$")
 _TMP = re.compile(r"^step-(\d{8})\..*\.tmp$")
 
 
-class CheckpointError(HerdsmanError):
-    pass
-
-
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    world_size: int
-    saved_at: float
-    save_id: str = ""  # unique per save: the memory tier's copy must carry the same id
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,46 +66,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_manifest(path: Path, step: int, world_size: int, save_id: str = "") -> None:
-    files = {}
-    for p in sorted(path.iterdir()):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.name] = {"size": p.stat().st_size, "crc32": _crc32(p)}
-    body = {"format": 1, "step": step, "world_size": world_size, "saved_at": time.time(), "save_id": save_id,
-            "files": files}
-    tmp = path / (MANIFEST + ".part")
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-
-
-def verify(path: Path) -> CheckpointInfo:
-    """Check one committed checkpoint directory; raise CheckpointError naming the problem."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    try:
-        m = json.loads((path / MANIFEST).read_text())
-        files, step, world = m["files"], int(m["step"]), int(m["world_size"])
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no manifest ({MANIFEST}): it was never committed") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has a corrupt manifest: {e}") from None
-    if ".metadata" not in files:
-        raise CheckpointError(f"checkpoint {path} manifest lists no DCP .metadata")
-    for name, meta in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: file {name} is missing")
-        if f.stat().st_size != meta["size"]:
-            raise CheckpointError(f"checkpoint {path}: file {name} has {f.stat().st_size} bytes, manifest says {meta['size']}")
-        if _crc32(f) != meta["crc32"]:
-            raise CheckpointError(f"checkpoint {path}: file {name} fails its CRC32 check")
-    return CheckpointInfo(path, step, world, float(m.get("saved_at", 0.0)), str(m.get("save_id", "")))
 
 
 def committed(root: Path) -> list[Path]:
@@ -155,13 +110,15 @@ class Checkpointer:
     """
 
     def __init__(self, root: Path, keep: int, rank: int, world_size: int, *, async_save: bool = False,
-                 memory: "MemoryTier | None" = None, attempt: int = 0, log: Callable[[str], None] = print):
+                 memory: MemoryTier | None = None, attempt: int = 0, log: Callable[[str], None] = print):
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
         self.async_save, self.memory, self.attempt, self.log = async_save, memory, attempt, log
         self._pending: Pending | None = None
         self._reported: list[Pending] = []
         self._seq = 0
         self._distrust_after: int | None = None
+        # retention's memory of verifications: path -> (fingerprint, verified?), so that a commit costs no re-read
+        self._verified: dict[Path, tuple[tuple | None, bool]] = {}
         # a CPU (gloo) group for everything off the training path: async writes, the memory tier, small
         # agreements; under NCCL the default group cannot carry CPU tensors
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -236,10 +193,13 @@ class Checkpointer:
             raise CheckpointError(f"not committing step {p.step}: taken after the last clean SDC check")
         write_manifest(p.tmp, p.step, self.world_size, p.save_id)
         final = step_dir(self.root, p.step)
-        if final.exists():  # a re-save of the same step after a restart: the old one leaves by a rename
-            _discard(final, p.save_id)
-        os.replace(p.tmp, final)
-        _fsync_dir(self.root)
+        if os.path.lexists(final):  # a re-save of the same step (a restart resumed from an older checkpoint)
+            _swap_in(p.tmp, final, p.save_id)
+        else:
+            os.replace(p.tmp, final)
+            _fsync_dir(self.root)
+        # the manifest was just computed from these very files: no need to read them again for retention
+        self._verified[final] = (fingerprint(final), True)
         p.committed = True
         self._retain()
 
@@ -285,23 +245,46 @@ class Checkpointer:
                     dst = p.with_name(p.name + ".suspect")
                     shutil.rmtree(dst, ignore_errors=True)
                     os.replace(p, dst)
-                    (dst / "SUSPECT").write_text(reason + "\n")
+                    (dst / SUSPECT).write_text(reason + "\n")
                     moved.append(dst)
                     self.log(f"checkpoint {p.name} set aside as {dst.name}: {reason}")
         return moved
 
     def _retain(self) -> None:
         found = committed(self.root)
-        keep = found[: self.keep]
-        for old in found[self.keep :]:
-            if not (old / PIN).exists():  # an operator's pin outlives retention
+        keep = set(found[: self.keep])
+        good = self._newest_valid(found)
+        if good is not None:  # never delete the last checkpoint that can be loaded, whatever lies above it
+            keep.add(good)
+        for old in found:
+            if old not in keep and not (old / PIN).exists():  # an operator's pin outlives retention
                 _discard(old, "retired")
+        self._verified = {p: v for p, v in self._verified.items() if p in keep}
         # leftovers of saves that died (other attempts' temporary directories) older than what is kept
-        newest = int(keep[0].name.split("-")[1]) if keep else 0
+        newest = int(found[0].name.split("-")[1]) if found and self.keep else 0
         for p in self.root.iterdir():
             m = _TMP.match(p.name)
             if m and int(m.group(1)) <= newest and p != self._pending_tmp():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _newest_valid(self, found: list[Path]) -> Path | None:
+        """The newest of `found` (newest first) that verifies. Each is read at most once while it is unchanged:
+        the outcome is remembered under its fingerprint, so a commit's retention reads nothing in the usual case
+        (the new checkpoint is the newest) and a broken one above it is read once, not at every commit."""
+        for p in found:
+            fp = fingerprint(p)
+            seen = self._verified.get(p)
+            if seen is None or fp is None or seen[0] != fp:
+                try:
+                    verify(p)
+                    seen = (fp, True)
+                except CheckpointError as e:
+                    seen = (fp, False)
+                    self.log(f"retention: {e}")
+                self._verified[p] = seen
+            if seen[1]:
+                return p
+        return None
 
     def _pending_tmp(self) -> Path | None:
         return self._pending.tmp if self._pending is not None else None
@@ -348,12 +331,63 @@ class Checkpointer:
         return self.load(info, model, optim), "disk"
 
 
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _discard(path: Path, tag: str) -> None:
     """Delete a committed checkpoint without ever leaving a half-deleted one under a committed name (a kill in
     the middle of rmtree would): rename it out of the committed namespace first, atomically."""
     gone = path.with_name(f"{path.name}.{tag}.tmp")
     os.replace(path, gone)
-    shutil.rmtree(gone, ignore_errors=True)
+    _remove(gone)
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two names in one atomic step (Linux renameat2 with RENAME_EXCHANGE)."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(b))
+
+
+def _swap_in(new: Path, final: Path, tag: str) -> None:
+    """Put the directory `new` in the place of the committed `final`, of the same step (a re-save).
+
+    The old one is deleted only once the new one is in place. Where the file system can exchange two names
+    atomically (Linux, renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs, ...), `final` names a whole committed
+    directory at every instant: the old one up to the exchange, the new one from it; the old one then lies under
+    new's temporary name (swept by retention if we die before deleting it). Elsewhere it takes two renames, old ->
+    `final.<tag>.replaced.tmp`, new -> `final`: the window without `final` is that single rename (nothing else
+    happens in between; no deletion), and a kill inside it leaves the old one whole under the `.replaced.tmp` name,
+    with every older checkpoint still loadable."""
+    try:
+        _exchange(new, final)
+        old = new
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        old = final.with_name(f"{final.name}.{tag}.replaced.tmp")
+        os.replace(final, old)
+        os.replace(new, final)
+    _fsync_dir(final.parent)
+    _remove(old)
 
 
 class _NoCopy(AsyncStager):
