@@ -32,7 +32,7 @@ from herdsman.events import (
 )
 from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
-from orchestrator.diagnose import Failure, diagnose, hardware_cause
+from orchestrator.diagnose import Failure, diagnose, hardware_cause, precursor
 from orchestrator.fleet import Fleet, Group, RayFleet
 from orchestrator.hangs import flight_recorder_evidence
 from orchestrator.ledger import JobLedger
@@ -46,6 +46,7 @@ from orchestrator.store import HostIncident, Store
 from orchestrator.store_writer import StoreWriter
 
 log = logging.getLogger("herdsman.controller")
+PRECURSOR_EVERY_S = 3600.0  # the same precursor on the same host counts once in this time
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +88,7 @@ class Controller(Operations):
         self.verdicts: list[Verdict] = []
         self.attempt_started_at = 0.0
         self.returned_at: dict[str, float] = {}  # host -> when it last passed its health check back into service
+        self._precursor_seen: dict[tuple[str, str, str], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._persisted_at = 0.0
@@ -153,7 +155,11 @@ class Controller(Operations):
             self.last_heard[r.heartbeat.host] = now
             self.evidence.extend(r.evidence)
             for e in r.evidence:  # precursors: what a lemon shows between its failures
-                if e.severity == Severity.WARNING and e.host and hardware_cause(e) is not None:
+                if precursor(e):
+                    key = (e.host, e.kind.value, str(e.attrs.get("reason") or e.code or ""))
+                    if e.time - self._precursor_seen.get(key, -PRECURSOR_EVERY_S) < PRECURSOR_EVERY_S:
+                        continue  # a condition that persists is one precursor an hour, not one per report
+                    self._precursor_seen[key] = e.time
                     for h in self.responder.lemons.warn(e.host, e.time):
                         self._quarantine_lemon(h)
             for st in r.steps:

@@ -58,6 +58,21 @@ def hardware_cause(e: Evidence) -> RootCause | None:
     return c[0] if c and c[1] == Strength.DECIDES and c[0] in _HW_PRIORITY else None
 
 
+def precursor(e: Evidence) -> bool:
+    """Hardware evidence that fails nothing by itself but that a lemon shows more often than a sound host: a
+    correctable ECC error, a recoverable Xid, thermal throttling, a PCIe or NIC hiccup, a corrected memory error."""
+    if e.severity != Severity.WARNING or not e.host:
+        return False
+    if e.kind in (EvidenceKind.GPU_ECC, EvidenceKind.GPU_XID, EvidenceKind.GPU_THERMAL):
+        return True
+    if e.kind == EvidenceKind.HOST_LOG:
+        try:
+            return RootCause(e.attrs.get("cause") or "").facts.host_fault
+        except ValueError:
+            return False
+    return False
+
+
 def candidate(e: Evidence) -> tuple[RootCause, Strength] | None:
     """The cause one piece of evidence points to and how strongly, or None."""
     if "strength" in e.attrs:  # raised by a rule of the shared engine

@@ -4,7 +4,7 @@ Every state, every transition, every operator action and a store outage, in mill
 end to end in tests/test_e2e.py on a real cluster.
 """
 
-import threading
+import dataclasses
 
 import pytest
 
@@ -35,8 +35,9 @@ from orchestrator.states import (
     Stopped,
     legal,
 )
-from orchestrator.store import Store, StoreError
+from orchestrator.store import Store
 from orchestrator.workers import GroupStatus, RankStatus
+from tests.test_store_writer import Flaky
 
 HOSTS = ["host-1", "host-2", "host-3", "host-4"]
 
@@ -131,22 +132,6 @@ class FakeFleet:
 
     def close(self):
         pass
-
-
-class Flaky:
-    """The real store, failing every call while `down` is set."""
-
-    def __init__(self, store):
-        self.store, self.down = store, threading.Event()
-
-    def __getattr__(self, name):
-        real = getattr(self.store, name)
-
-        def call(*a, **kw):
-            if self.down.is_set():
-                raise StoreError("store sqlite:///h.db: failed: OperationalError: database is locked")
-            return real(*a, **kw)
-        return call
 
 
 @pytest.fixture
@@ -423,3 +408,13 @@ def test_each_hosts_record_outlives_the_job(make, tmp_path):
     # the third failure, in the new job, makes it a lemon by the count rule (3 within the window)
     clock2.t = clock.t + 3600
     assert again.implicate(Verdict(RootCause.FAULTY_GPU, 0.9, ("host-2",)), clock2()) == ["host-2"]
+
+
+def test_a_persisting_precursor_counts_once_an_hour(make):
+    ctrl, fleet, clock = running(make)
+    flap = Evidence("host-4", EvidenceKind.HOST_LOG, clock(), "NicFlap: ens1 carrier changed", Severity.WARNING,
+                    attrs={"reason": "NicFlap", "cause": "nic"})
+    for i in range(121):  # every 30 s for an hour
+        ctrl.report(AgentReport(Heartbeat("host-4", clock(), i), (dataclasses.replace(flap, time=clock()),)))
+        clock.advance(30)
+    assert ctrl.responder.lemons.warnings["host-4"] == 2  # at 0 s and at 3600 s

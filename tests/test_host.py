@@ -175,3 +175,23 @@ def test_io_errors_on_the_checkpoint_disk_say_so(tmp_path):
     on_ckpt, other = m.cycle()
     assert on_ckpt.attrs.get("checkpoint_disk") and "[checkpoint file system]" in on_ckpt.message
     assert not other.attrs.get("checkpoint_disk")
+
+
+def test_a_huge_line_and_absurd_numbers_stop_nothing_and_lose_no_later_line(tmp_path):
+    """A line over the 4 MiB read chunk used to pin the offset forever; a 5,000-digit Xid or rank number used to
+    raise after the offset moved, losing the rest of the batch. Both are read past; the Xid after them is found."""
+    log = tmp_path / "kern.log"
+    log.write_text("")
+    mon = HostMonitor("h1", str(log), str(tmp_path / "sys"), (), "", 0.0)
+    assert mon.cycle() == []
+    with open(log, "ab") as f:
+        f.write(b"[  1.0] " + b"x" * (5 << 20) + b"\n")
+        f.write(b"[  2.0] NVRM: Xid (PCI:0000:3b:00): " + b"9" * 5000 + b", pid=1, name=python\n")
+        f.write(b"[  2.5] [rank" + b"7" * 5000 + b"]: something\n")
+        f.write(b"[  3.0] NVRM: Xid (PCI:0000:3b:00): 79, pid=2, GPU has fallen off the bus.\n")
+    found = []
+    for _ in range(5):  # a few cycles: the huge line takes more than one read
+        found += mon.cycle()
+    xids = [e for e in found if e.kind == EvidenceKind.GPU_XID and e.code == 79]
+    assert xids and xids[0].severity == Severity.CRITICAL
+    assert mon.log.offset == log.stat().st_size  # everything read, nothing pinned

@@ -211,7 +211,10 @@ class Checkpointer:
             if p.thread is not None:
                 p.thread.join()  # it has nothing left to do but return
             if p.error is not None:
-                raise CheckpointError(f"checkpoint save of step {p.step} failed: {type(p.error).__name__}: {p.error}")
+                if self.rank == 0:  # what the failed save wrote would hold space a full disk needs for the next
+                    shutil.rmtree(p.tmp, ignore_errors=True)
+                raise CheckpointError(f"checkpoint save of step {p.step} failed: {type(p.error).__name__}: "
+                                      f"{p.error}") from p.error
             self._reported.append(p)
         out, self._reported = self._reported, []
         return out
