@@ -54,6 +54,18 @@ def _code(e: Evidence) -> str:
     return str(e.attrs.get("reason", ""))
 
 
+def _same_process(pid: int, seen_at: float) -> bool:
+    """Whether `pid` is still the process that reported at `seen_at` (not a later one that reuses the number)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return boot + started_ticks / os.sysconf("SC_CLK_TCK") <= seen_at + 1.0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -70,7 +82,7 @@ class NodeAgent:
         self.host, self.config, self.sink = host, config, sink
         self.dir = layout.node_dir(config.run_dir, host)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.job = config.job
+        self.job, self.run_dir = config.job, str(config.run_dir)
         self.stats_dir = layout.stats_dir(config.run_dir, host, self.job)
         self.stats_dir.mkdir(parents=True, exist_ok=True)
         self.probe = probe or make_probe(config.agent.gpu_backend, host, config.agent.gpus_per_host,
@@ -91,6 +103,7 @@ class NodeAgent:
         self._ecc_seen: dict[tuple[int, str], int] = {}
         self._evidence_counts: Counter[tuple[str, str]] = Counter()
         self._rank_gpu: dict[int, int] = {}
+        self._attempt_pids: dict[int, dict[int, float]] = {}  # attempt -> {pid of a rank here: when it reported}
         a = config.agent
         self.drift = DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
         self._stragglers: set[int] = set()
@@ -175,9 +188,31 @@ class NodeAgent:
                         self._pids.setdefault(ev.gpu, set()).add(ev.pid)
                     if ev.gpu is not None:
                         self._rank_gpu[ev.rank] = ev.gpu
+                    if ev.pid:
+                        self._attempt_pids.setdefault(ev.attempt, {}).setdefault(ev.pid, ev.time)
             except (KeyError, TypeError, ValueError):
                 log.warning("ignoring malformed trainer record on %s: %r", self.host, rec)
+        self._end_older_attempts()
         return steps, events
+
+    def _end_older_attempts(self) -> None:
+        """Two attempts of one job never train at once: ranks of an earlier attempt still alive when a later one
+        reports (left behind when the head or a rank actor died without stopping them) are killed."""
+        if len(self._attempt_pids) < 2:
+            return
+        newest = max(self._attempt_pids)
+        for attempt in [a for a in self._attempt_pids if a < newest]:
+            for pid, seen_at in self._attempt_pids.pop(attempt).items():
+                if not _same_process(pid, seen_at):  # gone, or its pid now belongs to another process
+                    continue
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # a rank leads its own process group (start_new_session)
+                except ProcessLookupError:
+                    os.kill(pid, signal.SIGKILL)
+                except PermissionError:
+                    continue
+                log.warning("%s: killed rank pid %d left over from attempt %d (attempt %d runs)",
+                            self.host, pid, attempt, newest)
 
     def _track_drift(self, steps: list[StepStats], samples: list[GpuSample]) -> list[Evidence]:
         """Join each step with its GPU's reading; evidence when a rank starts straggling."""
@@ -242,16 +277,20 @@ class NodeAgent:
             if rec.get("kind") == "event" and rec.get("pid") and rec.get("gpu") is not None:
                 self._pids.setdefault(int(rec["gpu"]), set()).add(int(rec["pid"]))
 
-    def follow(self, job: str) -> None:
-        """Read the report streams of `job` from now on (an agent outlives jobs; each job has its own streams)."""
+    def follow(self, job: str, run_dir: str | None = None) -> None:
+        """Read the report streams of `job` (in `run_dir`) from now on: an agent outlives jobs, and each job has
+        its own streams."""
         with self._lock:
-            if job == self.job:
+            run_dir = run_dir or self.run_dir
+            if (job, run_dir) == (self.job, self.run_dir):
                 return
-            self.job = job
-            self.stats_dir = layout.stats_dir(self.config.run_dir, self.host, job)
+            self.job, self.run_dir = job, run_dir
+            self.stats_dir = layout.stats_dir(run_dir, self.host, job)
+            self.stats_dir.mkdir(parents=True, exist_ok=True)
             self._tailer = StatsTailer(self.stats_dir)
             self._latest.clear()
             self._rank_gpu.clear()
+            self._attempt_pids.clear()
 
     # --- what the metrics and the controller read ---------------------------------------------------------
     def latest_steps(self) -> list[StepStats]:
@@ -264,7 +303,7 @@ class NodeAgent:
 
     def flight_recorder(self, attempt: int) -> tuple[list[RankSummary], list[str]]:
         """Summaries of this node's flight-recorder dumps for one attempt, loaded safely; refusals as text."""
-        return fr_collect([layout.flight_recorder_dir(self.config.run_dir, self.host, self.job)], attempt)
+        return fr_collect([layout.flight_recorder_dir(self.run_dir, self.host, self.job)], attempt)
 
     def health_check(self) -> list[str]:
         """Problems that keep this host out of service (empty: healthy). Run before returning it to service."""

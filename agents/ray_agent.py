@@ -6,7 +6,7 @@ import logging
 
 import ray
 
-from herdsman import CONTROLLER_NAME, RAY_NAMESPACE
+from herdsman import RAY_NAMESPACE, controller_name
 from herdsman.config import HerdsmanConfig
 from herdsman.events import AgentReport
 from agents.agent import NodeAgent
@@ -21,24 +21,27 @@ def agent_name(host: str) -> str:
 class AgentService:
     def __init__(self, host: str, config: HerdsmanConfig):
         self._controller = None
+        self._job = ""
         self.agent = NodeAgent(host, config, sink=self._send)
         self.agent.start_metrics()
         self.agent.start()
 
     def _send(self, report: AgentReport) -> None:
-        if self._controller is None:
-            try:
-                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
+        if self._controller is None or self._job != self.agent.job:
+            try:  # the controller of the job this host serves
+                self._job = self.agent.job
+                self._controller = ray.get_actor(controller_name(self._job), namespace=RAY_NAMESPACE)
             except ValueError:
+                self._controller = None
                 return  # no controller yet: the next cycle tries again
         try:
             self._controller.report.remote(report)
         except Exception:  # controller gone: look it up again next time
             self._controller = None
 
-    def ready(self, job: str = "") -> str:
+    def ready(self, job: str = "", run_dir: str = "") -> str:
         if job:
-            self.agent.follow(job)
+            self.agent.follow(job, run_dir or None)
         return self.agent.metrics_url
 
     def collect_now(self) -> AgentReport:

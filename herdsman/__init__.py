@@ -14,3 +14,8 @@ class HerdsmanError(Exception):
 # Names under which the Ray actors find each other.
 RAY_NAMESPACE = "herdsman"
 CONTROLLER_NAME = "herdsman-controller"
+
+
+def controller_name(job: str) -> str:
+    """The detached Ray actor that runs `job`'s controller (the agents report to it, the CLI finds it)."""
+    return f"{CONTROLLER_NAME}-{job}"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herdsman import HerdsmanError
+from herdsman import HerdsmanError, layout
 from herdsman.secrets import redact_url
 
 
@@ -137,6 +137,9 @@ class TrainerConfig:
     (/dev/shm/herdsman/{job}/{host}) where one exists, else {run_dir}/memory/{host}."""
     sdc_check_every: int = _f(1, ge=0)
     """Check every this many steps that no rank's parameters changed outside the optimizer (0: off)."""
+    entrypoint: str = ""
+    """A trainer of your own instead of the embedded Llama 3: the command each rank runs, e.g. "python -m my_train
+    --lr 3e-4" (herdsman/contract.py: the environment it gets, what it reports). Empty: the embedded trainer."""
 
     def __post_init__(self) -> None:
         _validate(self, "trainer")
@@ -330,7 +333,7 @@ class HerdsmanConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.run_dir).resolve() / "checkpoints" / self.job
+        return layout.checkpoint_dir(self.run_dir, self.job)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -438,6 +441,14 @@ def from_dict(data: dict[str, Any]) -> HerdsmanConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"the configuration must be a table, got {type(data).__name__}")
     return _build(HerdsmanConfig, data, "")
+
+
+def loads_config(text: str) -> HerdsmanConfig:
+    """A configuration from TOML text (e.g. the one a job was submitted with, as the store keeps it)."""
+    try:
+        return from_dict(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"configuration text is not valid TOML: {str(e).splitlines()[0]}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HerdsmanConfig:

@@ -20,6 +20,7 @@ ENV_CONTROL_DIR = "HERDSMAN_CONTROL_DIR"  # control files: checkpoint-now reques
 ENV_FR_DIR = "HERDSMAN_FR_DIR"  # where the rank writes its flight-recorder dump
 ENV_SIM_CLOCKS = "HERDSMAN_SIM_CLOCKS"  # a simulated-GPU agent's clock factors (simulated hosts only)
 ENV_RESUME = "HERDSMAN_RESUME"  # "required": refuse to start from scratch when no checkpoint loads
+ENV_CHECKPOINT_DIR = "HERDSMAN_CHECKPOINT_DIR"  # where the job keeps its checkpoints (a trainer of your own)
 RESUME_REQUIRED = "required"
 
 SIM_CLOCKS = "sim-clocks.json"
@@ -61,12 +62,20 @@ def rank0_streams(run_dir: str | Path, job: str) -> list[Path]:
     return sorted((Path(run_dir).resolve() / "nodes").glob(f"*/jobs/{job}/stats/rank00000-attempt*.jsonl"))
 
 
-def rank_env(run_dir: str | Path, host: str, job: str, attempt: int) -> dict[str, str]:
-    """The Herdsman part of a rank's environment on `host`."""
+def rank_env(run_dir: str | Path, host: str, job: str, attempt: int, fr_buffer_size: int = 2000) -> dict[str, str]:
+    """The Herdsman part of a rank's environment on `host` (herdsman/contract.py says what a trainer gets)."""
+    fr = flight_recorder_dir(run_dir, host, job)
     return {ENV_ATTEMPT: str(attempt), ENV_HOST: host, ENV_STATS_DIR: str(stats_dir(run_dir, host, job)),
-            ENV_CONTROL_DIR: str(control_dir(run_dir, host, job)),
-            ENV_FR_DIR: str(flight_recorder_dir(run_dir, host, job)),
-            ENV_SIM_CLOCKS: str(node_dir(run_dir, host) / SIM_CLOCKS)}
+            ENV_CONTROL_DIR: str(control_dir(run_dir, host, job)), ENV_FR_DIR: str(fr),
+            ENV_CHECKPOINT_DIR: str(checkpoint_dir(run_dir, job)),
+            ENV_SIM_CLOCKS: str(node_dir(run_dir, host) / SIM_CLOCKS),
+            # the flight recorder, on for any trainer: NCCL dumps it on a watchdog timeout, named by attempt and rank
+            "TORCH_FR_BUFFER_SIZE": str(fr_buffer_size), "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(fr / f"attempt{attempt:04d}-rank")}
+
+
+def checkpoint_dir(run_dir: str | Path, job: str) -> Path:
+    return Path(run_dir).resolve() / "checkpoints" / job
 
 
 def store_spool(run_dir: str | Path, job: str) -> Path:

@@ -65,11 +65,15 @@ class Operations(Protocol):
     def quarantine(self, host: str, reason: str) -> None: ...
     def return_to_service(self, host: str) -> list[str]: ...
     def request_restart(self, reason: str) -> None: ...
-    def request_stop(self, reason: str) -> None: ...
+    def request_stop(self, reason: str, drain: bool = False) -> None: ...
 
 
 class Reason(BaseModel):
     reason: str = Field(min_length=1, max_length=500, description="Why, for the record")
+
+
+class StopRequest(Reason):
+    drain: bool = Field(False, description="Stop after a fresh checkpoint (the ranks save, then exit)")
 
 
 def _check_token(token: str, where: str) -> str:
@@ -381,8 +385,8 @@ def create_app(ops: Operations, token: str, docs: bool = False, max_body: int = 
         return {"requested": "restart"}
 
     @app.post("/api/job/stop", dependencies=[Depends(operator)])
-    def stop(body: Reason) -> dict[str, Any]:
-        ops.request_stop(body.reason)
+    def stop(body: StopRequest) -> dict[str, Any]:
+        ops.request_stop(body.reason, body.drain)
         return {"requested": "stop"}
 
     return app

@@ -89,26 +89,13 @@ def demo(config_path: str | None, steps: int | None, run_dir: str | None) -> Non
     run_demo(_load_config(config_path, overrides), _echo)
 
 
-@main.command()
-@config_option
-@click.option("--timeout", type=float, default=24 * 3600, show_default=True, help="Seconds to wait for the job.")
-def run(config_path: str | None, timeout: float) -> None:
-    """Run the training job on the Ray cluster at [cluster] address, with agents on every Herdsman host."""
-    from orchestrator.cluster import connect
-    from orchestrator.job import Progress, launch_controller, stop_controller, wait_done
-    from orchestrator.report import render_text, summarize
-    from orchestrator.store import Store
+def _register_jobs() -> None:
+    from orchestrator.cli_jobs import register
 
-    cfg = _load_config(config_path)
-    if cfg.cluster.address == "local":
-        raise HerdsmanError("[cluster] address is 'local': use `herdsman demo`, or set the address of a Ray cluster")
-    connect(cfg.cluster.address)
-    ctrl = launch_controller(cfg)
-    try:
-        wait_done(ctrl, timeout, Progress(_echo))
-    finally:
-        stop_controller(ctrl)
-    _echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
+    register(main, config_option, _load_config, _echo)
+
+
+_register_jobs()
 
 
 @main.command()

@@ -41,7 +41,8 @@ from orchestrator.policy import HostPool, LemonDetector
 from orchestrator.recovery import Recovered, recover
 from orchestrator.responder import FailureResponder
 from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
-    ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, State, Stopped, legal)
+    ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, State, Stopped,
+    Stopping, legal)
 from orchestrator.store import HostIncident, Store
 from orchestrator.store_writer import StoreWriter
 
@@ -102,7 +103,8 @@ class Controller(Operations):
             self.ledger = JobLedger(config.job, clock())
             self.records.upsert_job(config.job, state="scheduling", started_at=self.ledger.started_at,
                                     target_step=config.trainer.steps, ended_at=None, message="", attempt=0,
-                                    last_step=0, productive_s=0.0, checkpoint_s=0.0)
+                                    last_step=0, productive_s=0.0, checkpoint_s=0.0,
+                                    config=to_toml(replace(config, run_dir=str(self.run_dir)), redact=True))
 
     def _remember_hosts(self) -> None:
         """Each host's failures and precursors from earlier jobs (the lemon detector's record), and from now on
@@ -231,6 +233,8 @@ class Controller(Operations):
             return self._drain(state)
         if isinstance(state, BackingOff):
             return Scheduling(self.clock()) if self.clock() >= state.until else state
+        if isinstance(state, Stopping):
+            return self._stopping(state)
         return state
 
     def _schedule(self, state: Scheduling) -> State:
@@ -383,10 +387,26 @@ class Controller(Operations):
             return Stopped(response.reason)
         return BackingOff(self.clock() + response.backoff_s)
 
+    def _stopping(self, state: Stopping) -> State:
+        status = state.group.poll()
+        with self.lock:
+            fresh = [step for step, t in self.ledger.ckpt_at.items() if t >= state.requested_at]
+        if not (fresh and status.finished) and not status.failed and self.clock() < state.deadline:
+            return state  # until the ranks have saved and exited
+        state.group.shutdown()
+        done = f"after a checkpoint at step {max(fresh)}" if fresh else "without a fresh checkpoint (deadline)"
+        self._decide(f"stopped {done}")
+        return Stopped(f"stopped by an operator {done}: {state.reason}")
+
     def _operator(self, kind: str, reason: str, state: State) -> State:
         """An operator's restart or stop, carried out by the loop (the API only queues it)."""
-        group = state.group if isinstance(state, (Running, Failing, Draining)) else None
-        if kind == "stop":
+        group = state.group if isinstance(state, (Running, Failing, Draining, Stopping)) else None
+        if kind == "stop-drain" and isinstance(state, Running):
+            self._decide(f"operator stop after a fresh checkpoint: {reason}")
+            state.group.request_checkpoint(then_exit=True)
+            now = self.clock()
+            return Stopping(state.group, reason, now, now + self.cfg.controller.drain_timeout_s)
+        if kind in ("stop", "stop-drain"):  # (nothing is training: there is nothing to save first)
             if group is not None:
                 group.shutdown()
             self._decide(f"operator stop: {reason}")

@@ -5,6 +5,7 @@ agent actors, rank actors); tests drive the controller with a fake of the same s
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -87,7 +88,7 @@ class RayFleet:
         for host, node_id in nodes.items():
             if host not in self.agents:
                 self.agents[host] = create(host, node_id)
-        refs = {h: a.ready.remote(job) for h, a in self.agents.items() if h in nodes}
+        refs = {h: a.ready.remote(job, str(self.run_dir)) for h, a in self.agents.items() if h in nodes}
         for host, ref in refs.items():
             try:
                 ray.get(ref, timeout=60)
@@ -142,8 +143,10 @@ class RayFleet:
     def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
         from orchestrator.workers import WorkerGroup
 
-        return WorkerGroup(placement, self.cfg.trainer.ranks_per_host, attempt, env, self.run_dir, self.cfg.job,
-                           self.cwd, self.rank_actors, self.cfg.controller.warm_standby)
+        t = self.cfg.trainer
+        return WorkerGroup(placement, t.ranks_per_host, attempt, env, self.run_dir, self.cfg.job, self.cwd,
+                           self.rank_actors, self.cfg.controller.warm_standby,
+                           shlex.split(t.entrypoint) if t.entrypoint else None, t.fr_buffer_size)
 
     def close(self) -> None:
         import ray

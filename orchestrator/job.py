@@ -9,29 +9,47 @@ from typing import Any, Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from herdsman import CONTROLLER_NAME, RAY_NAMESPACE, HerdsmanError
+from herdsman import RAY_NAMESPACE, HerdsmanError, controller_name
 from herdsman.config import HerdsmanConfig
 from orchestrator.controller import ControllerActor
 
 
-def launch_controller(config: HerdsmanConfig) -> Any:
-    """The controller actor, on this (the head) node, named so that agents find it. A job name that already
-    ended in this store is refused: starting it again at attempt 0 would write over its history."""
+def controller_of(job: str) -> Any | None:
+    """The running controller of `job` on the connected cluster, or None."""
+    try:
+        return ray.get_actor(controller_name(job), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def launch_controller(config: HerdsmanConfig, new: bool = False) -> Any:
+    """The job's controller: a detached actor on this (the head) node, named after the job, so that it outlives
+    the client that started it and agents and commands find it.
+
+    A job has one identity: a live job is carried on (its controller, if one is missing, picks up from the store);
+    a job name that already ended is refused, since attempt 0 again would write over its history, unless `new`,
+    which archives the old records under `<job>@<its start time>` first."""
     from orchestrator.store import Store
 
+    if controller_of(config.job) is not None:
+        raise HerdsmanError(f"job {config.job!r} is already running (herdsman attach {config.job} / "
+                            f"herdsman stop {config.job})")
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)  # where the default store lives
     store = Store(config.store_url)
     try:
         rec = store.job(config.job)
+        if rec is not None and rec.state in ("finished", "stopped"):
+            if not new:
+                raise HerdsmanError(
+                    f"job {config.job!r} already ran in this store ({rec.state} at step {rec.last_step}"
+                    f"{': ' + rec.message if rec.message else ''}); give the new job another name, or pass --new "
+                    "to archive its records and start the name afresh")
+            store.archive_job(config.job, f"{config.job}@{time.strftime('%Y%m%d-%H%M%S', time.gmtime(rec.started_at))}")
     finally:
         store.close()
-    if rec is not None and rec.state in ("finished", "stopped"):
-        raise HerdsmanError(f"job {config.job!r} already ran in this store ({rec.state} at step {rec.last_step}"
-                            f"{': ' + rec.message if rec.message else ''}); give the new job another name "
-                            "(job = \"...\" in the config)")
     here = ray.get_runtime_context().get_node_id()
     ctrl = ControllerActor.options(
-        name=CONTROLLER_NAME, namespace=RAY_NAMESPACE,
+        name=controller_name(config.job), namespace=RAY_NAMESPACE, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         # a dead controller is started again and carries on from the store; calls made meanwhile wait for it
         max_restarts=config.controller.controller_restarts, max_task_retries=-1,

@@ -128,11 +128,12 @@ class Operations:
         with self.lock:
             self._requests.append(("restart", reason))
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, drain: bool = False) -> None:
+        """Stop the job now, or (drain) after a fresh checkpoint."""
         if self.done():
             raise HerdsmanError("the job has already ended")
         with self.lock:
-            self._requests.append(("stop", reason))
+            self._requests.append(("stop-drain" if drain else "stop", reason))
 
     def return_to_service(self, host: str) -> list[str]:
         """Run the host's health check; if it passes the host becomes a spare. Returns the problems found."""

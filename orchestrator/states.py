@@ -51,6 +51,16 @@ class Draining(State):
 
 
 @dataclass(frozen=True)
+class Stopping(State):
+    """An operator's stop after a fresh checkpoint (`herdsman stop --drain`): the ranks save, then exit."""
+
+    group: WorkerGroup
+    reason: str
+    requested_at: float
+    deadline: float
+
+
+@dataclass(frozen=True)
 class BackingOff(State):
     until: float
 
@@ -70,7 +80,8 @@ TERMINAL = (Finished, Stopped)
 # state -> the states it may move to (an operator's stop or restart can come in any live state)
 TRANSITIONS: dict[type[State], tuple[type[State], ...]] = {
     Scheduling: (Scheduling, Running, Stopped),
-    Running: (Running, Failing, Draining, Finished, Scheduling, Stopped),
+    Running: (Running, Failing, Draining, Finished, Scheduling, Stopping, Stopped),
+    Stopping: (Stopping, Stopped),
     Failing: (Failing, BackingOff, Scheduling, Stopped),
     Draining: (Draining, Failing, Scheduling, Stopped),
     BackingOff: (BackingOff, Scheduling, Stopped),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import JSON, Float, Integer, String, UniqueConstraint, create_engine, event, func, inspect, select
+from sqlalchemy import JSON, Float, Integer, String, Text, UniqueConstraint, create_engine, event, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -57,6 +57,7 @@ class JobRow(Base):
     checkpoint_s: Mapped[float] = mapped_column(Float, default=0.0)  # time the loop was blocked saving
     message: Mapped[str] = mapped_column(String(2000), default="")
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # the current attempt (a restarted controller goes on)
+    config: Mapped[str | None] = mapped_column(Text, nullable=True)  # as submitted, secrets left out
 
 
 class InterruptionRow(Base):
@@ -130,6 +131,7 @@ class JobRecord:
     checkpoint_s: float
     message: str
     attempt: int = 0
+    config: str | None = None
 
 
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
@@ -183,6 +185,20 @@ class Store:
     def jobs(self) -> list[JobRecord]:
         with self._session() as s:
             return [_job(r) for r in s.scalars(select(JobRow).order_by(JobRow.started_at))]
+
+    @_guarded
+    def archive_job(self, name: str, archived: str) -> None:
+        """Keep an ended job's records under another name, so that `name` can start afresh (`--new`)."""
+        with self._session() as s, s.begin():
+            row = s.get(JobRow, name)
+            if row is None:
+                return
+            if s.get(JobRow, archived) is not None:
+                raise StoreError(f"cannot archive job {name!r} as {archived!r}: that name is taken")
+            s.add(JobRow(**{c.name: getattr(row, c.name) for c in JobRow.__table__.columns} | {"name": archived}))
+            s.delete(row)
+            for it in s.scalars(select(InterruptionRow).where(InterruptionRow.job == name)):
+                it.job = archived
 
     # --- interruptions ------------------------------------------------------------------------------------
     @_guarded
@@ -314,7 +330,7 @@ def schema_revision(engine: Any) -> str | None:
 
 def _job(r: JobRow) -> JobRecord:
     return JobRecord(r.name, r.state, r.started_at, r.ended_at, r.target_step, r.last_step, r.productive_s,
-                     r.checkpoint_s, r.message, r.attempt or 0)
+                     r.checkpoint_s, r.message, r.attempt or 0, r.config)
 
 
 def _interruption(r: InterruptionRow) -> Interruption:

@@ -79,28 +79,31 @@ class RankProcess:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def start(self, env: dict[str, str], log_path: str, control_dir: str) -> int:
+    def start(self, env: dict[str, str], log_path: str, control_dir: str, command: list[str] | None = None) -> int:
         self.stop()  # a leftover of the previous attempt
         self.rank, self.ended_at = int(env["RANK"]), None
         self.log_path, self.control_dir = Path(log_path), Path(control_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = ["--config", env[layout.ENV_CONFIG]]
+        cmd = [sys.executable, "-m", "trainer.train", *argv]
+        if command:  # the user's trainer: its own command line ("python" means this interpreter)
+            cmd = [sys.executable if command[0] in ("python", "python3") else command[0], *command[1:]]
+            self._close_standby()
         standby = self._standby
-        self.proc = self._take_standby({"env": env, "log": str(self.log_path), "argv": argv})
+        self.proc = None if command else self._take_standby({"env": env, "log": str(self.log_path), "argv": argv})
         with open(self.log_path, "a") as log:
             why = "no standby" if standby is None else f"standby exited with {standby.poll()}"
             log.write(f"[rank actor on {self.host}] rank {self.rank}: "
                       f"{'warm start from standby' if self.proc else 'cold start (' + why + ')'}\n")
         if self.proc is None:  # cold start
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *argv], env={**os.environ, **env},
-                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=self.cwd, start_new_session=True)
         threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
-        # the next standby warms up once this attempt is training, not while it starts (they would share the CPUs)
-        timer = threading.Timer(self.STANDBY_DELAY_S, self._refill, args=(self.proc,))
-        timer.daemon = True
-        timer.start()
+        if not command:  # the next standby warms up once this attempt is training, not while it starts
+            timer = threading.Timer(self.STANDBY_DELAY_S, self._refill, args=(self.proc,))
+            timer.daemon = True
+            timer.start()
         return self.proc.pid
 
     def _refill(self, started: subprocess.Popen) -> None:
@@ -153,6 +156,9 @@ class RankProcess:
     def close(self) -> None:
         """Stop the rank and the standby (before the actor is killed)."""
         self.stop()
+        self._close_standby()
+
+    def _close_standby(self) -> None:
         if self._standby is not None and self._standby.poll() is None:
             os.killpg(self._standby.pid, signal.SIGKILL)
             self._standby.wait()
@@ -204,8 +210,10 @@ class WorkerGroup:
 
     def __init__(self, placement: list[tuple[str, str]], ranks_per_host: int, attempt: int, env: dict[str, str],
                  run_dir: Path, job: str, cwd: str, actors: dict[tuple[str, int], object] | None = None,
-                 warm: bool = True):
+                 warm: bool = True, command: list[str] | None = None, fr_buffer_size: int = 2000):
         self.attempt, self.env, self.run_dir, self.job, self.cwd = attempt, env, Path(run_dir), job, cwd
+        self.command, self.fr_buffer_size = command, fr_buffer_size
+        warm = warm and not command  # a standby imports the embedded trainer: of no use to another one
         self.hosts = [h for h, _ in placement]
         self.rank_hosts: list[str] = []
         self.actors = []
@@ -234,11 +242,12 @@ class WorkerGroup:
             raise HerdsmanError(f"could not place rank 0 on {self.rank_hosts[0]}: {e}") from None
         refs = []
         for rank, (actor, host) in enumerate(zip(self.actors, self.rank_hosts)):
-            env = {**self.env, **layout.rank_env(self.run_dir, host, self.job, self.attempt), "RANK": str(rank),
+            env = {**self.env, **layout.rank_env(self.run_dir, host, self.job, self.attempt, self.fr_buffer_size),
+                   "RANK": str(rank),
                    "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_host),
                    "MASTER_ADDR": master_ip, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
             log = layout.rank_log(self.run_dir, host, self.job, rank, self.attempt)
-            refs.append(actor.start.remote(env, str(log), env[layout.ENV_CONTROL_DIR]))
+            refs.append(actor.start.remote(env, str(log), env[layout.ENV_CONTROL_DIR], self.command))
         ray.get(refs, timeout=timeout_s)
 
     def poll(self, timeout_s: float = 5.0) -> GroupStatus:

@@ -53,7 +53,7 @@ class Ops:
     def request_restart(self, reason):
         self.calls.append(("restart", reason))
 
-    def request_stop(self, reason):
+    def request_stop(self, reason, drain=False):
         if reason == "twice":
             raise HerdsmanError("the job has already ended")
         self.calls.append(("stop", reason))

@@ -418,3 +418,33 @@ def test_a_persisting_precursor_counts_once_an_hour(make):
         ctrl.report(AgentReport(Heartbeat("host-4", clock(), i), (dataclasses.replace(flap, time=clock()),)))
         clock.advance(30)
     assert ctrl.responder.lemons.warnings["host-4"] == 2  # at 0 s and at 3600 s
+
+
+def test_an_operator_stop_after_a_fresh_checkpoint(make):
+    from orchestrator.states import Stopping
+
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 6)
+    ctrl.request_stop("end of the experiment", drain=True)
+    assert ctrl.tick() and isinstance(ctrl.state, Stopping)
+    assert fleet.groups[0].checkpoints == [True]
+    assert not ctrl.tick()  # until the ranks have saved and exited
+    clock.advance(1)
+    event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 7)
+    fleet.groups[0].finish()
+    assert ctrl.tick() and isinstance(ctrl.state, Stopped)
+    assert "after a checkpoint at step 7" in ctrl.state.reason and "end of the experiment" in ctrl.state.reason
+    assert ctrl.records.flush(2) and ctrl.store.job("unit").state == "stopped"
+    assert ctrl.store.job("unit").config and "[trainer]" in ctrl.store.job("unit").config  # as submitted
+
+
+def test_a_drained_stop_that_never_saves_stops_at_the_deadline(make):
+    from orchestrator.states import Stopping
+
+    ctrl, fleet, clock = running(make, drain_timeout_s=30.0)
+    ctrl.request_stop("now-ish", drain=True)
+    ctrl.tick()
+    assert isinstance(ctrl.state, Stopping)
+    clock.advance(31)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Stopped) and "without a fresh checkpoint" in ctrl.state.reason

@@ -5,6 +5,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +23,7 @@ from tests.prometheus_server import prometheus, wait_for
 from tests.test_web import chromium_page, save_screenshot
 
 pytestmark = pytest.mark.e2e
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 HOSTS = ["host-1", "host-2", "host-3", "host-4"]
 STEPS = 40
 
@@ -498,3 +500,101 @@ def test_chaos_the_job_outlives_its_store_agents_controller_disk_and_network(clu
             except CheckpointError as e:
                 pytest.fail(f"a committed checkpoint does not verify: {e}")
         assert not list((tmp_path / "run").glob("*.store-spool.jsonl"))  # nothing was left unwritten
+
+
+def write_toml(path, cfg):
+    from herdsman.config import to_toml
+
+    path.write_text(to_toml(cfg, redact=False))
+    return str(path)
+
+
+def herdsman_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+
+
+def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(cluster, tmp_path):
+    """`herdsman run` is killed with SIGKILL mid-job: the detached controller finishes the job, and new clients
+    see it. A second job is stopped after a fresh checkpoint."""
+    from dataclasses import replace
+
+    from orchestrator.job import controller_of
+
+    cfg = replace(job_config(tmp_path, "detached", trainer={"steps": 60}), cluster=replace(
+        load_config().cluster, address=cluster.address))
+    conf = write_toml(tmp_path / "detached.toml", cfg)
+    client = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--config", conf],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    deadline = time.time() + 120
+    while controller_of("detached") is None and time.time() < deadline:
+        time.sleep(0.5)
+    ctrl = controller_of("detached")
+    assert ctrl is not None, client.stdout.read1().decode() if client.poll() is not None else "no controller"
+    try:
+        wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 5, 240)
+        client.kill()  # the operator's terminal is gone
+        client.wait(10)
+        st = ray.get(ctrl.status.remote())
+        assert st["state"] == "running", st["decisions"][-10:]
+        r = herdsman_cli("status", "detached", "--config", conf)
+        assert r.returncode == 0 and "detached: running" in r.stdout and "attempt 0" in r.stdout, r.stdout + r.stderr
+        r = herdsman_cli("list", "--config", conf)
+        assert r.returncode == 0 and "detached" in r.stdout and "yes" in r.stdout, r.stdout + r.stderr
+        r = herdsman_cli("attach", "detached", "--config", conf, timeout=300)  # follows it to the end
+        assert r.returncode == 0 and "detached: finished" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        stop_controller(ctrl)
+    job = Store(cfg.store_url).job("detached")
+    assert job.state == "finished" and job.last_step == 60
+    r = herdsman_cli("status", "detached", "--config", conf)
+    assert "detached: finished (no controller running" in r.stdout, r.stdout + r.stderr
+    r = herdsman_cli("submit", "--config", conf)  # the name is taken by a finished job
+    assert r.returncode == 2 and "already ran" in r.stderr and "--new" in r.stderr
+
+    # stop --drain: the ranks save a fresh checkpoint, then the job stops
+    cfg2 = replace(cfg, job="drained", trainer=replace(cfg.trainer, steps=400))
+    conf2 = write_toml(tmp_path / "drained.toml", cfg2)
+    r = herdsman_cli("submit", "--config", conf2)
+    assert r.returncode == 0 and "submitted job drained" in r.stdout, r.stdout + r.stderr
+    ctrl2 = controller_of("drained")
+    try:
+        wait_until(ctrl2, lambda s: s["state"] == "running" and s["step"] >= 7, 240)
+        r = herdsman_cli("stop", "drained", "--drain", "--config", conf2)
+        assert r.returncode == 0, r.stderr
+        st = wait_done(ctrl2, 120)
+    finally:
+        stop_controller(ctrl2)
+    assert st["state"] == "stopped" and "after a checkpoint at step" in st["reason"], st["reason"]
+    fresh = int(st["reason"].split("after a checkpoint at step ")[1].split(":")[0])
+    assert fresh >= 7 and fresh < 400
+
+
+def test_a_trainer_of_your_own_is_evicted_and_resumes_from_its_own_checkpoint(cluster, tmp_path):
+    """examples/ddp_train.py, a plain DDP script with its own checkpoints, under Herdsman: an Xid 79 on one host
+    kills its rank there; the host is evicted and the script resumes from the checkpoint it wrote."""
+    cfg = job_config(tmp_path, "byo", trainer={
+        "entrypoint": "python examples/ddp_train.py --steps 40 --checkpoint-every 5 --step-delay 0.1"})
+    ctrl = launch_controller(cfg)
+    try:
+        victim = xid79_on_rank1(ctrl, 12)
+        st = wait_done(ctrl, 300)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "finished", st["decisions"][-20:]
+    (verdict,) = st["verdicts"]
+    assert verdict["cause"] == "faulty_gpu" and verdict["hosts"] == [victim], verdict
+    assert st["hosts"][victim] == "quarantined" and victim not in st["placement"]
+    (it,) = Store(cfg.store_url).interruptions("byo")
+    assert it.resumed_step is not None and it.resumed_step >= 10 and it.restore_s is not None
+    ckpts = sorted(p.name for p in cfg.checkpoint_dir.glob("step-*.pt"))
+    assert ckpts and ckpts[-1] == "step-00000040.pt"
+    # its ranks were told where checkpoints live and that resuming is required once one exists
+    log = next(layout_rank_log(tmp_path, st["placement"][0]))
+    assert "Traceback" not in log.read_text()
+
+
+def layout_rank_log(tmp_path, host):
+    from herdsman.layout import job_dir
+
+    return iter(sorted((job_dir(tmp_path / "run", host, "byo") / "logs").glob("*attempt0001.log")))

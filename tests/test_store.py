@@ -85,7 +85,7 @@ def test_a_database_from_before_migrations_is_upgraded_in_place(url):
     s = Store(url)
     drop_everything(s)
     s = Store(old_database(url))
-    assert schema_revision(s.engine) == "0003"
+    assert schema_revision(s.engine) == "0004"
     job = s.job("llama3-demo")
     assert (job.state, job.last_step, job.attempt) == ("finished", 60, 2)
     (it,) = s.interruptions("llama3-demo")
@@ -154,3 +154,17 @@ def test_host_event_writes_are_idempotent(url):
         c.execute(update(HostRow).where(HostRow.host == "h1").values(state="healthy"))
     s.set_host_state(st)
     assert [e.state for e in s.host_events("h1")] == [HostState.QUARANTINED]
+
+
+def test_an_ended_job_is_archived_under_another_name(url):
+    s = Store(url)
+    s.upsert_job("job", state="finished", target_step=60, config="job = 'job'\n")
+    s.record_interruption(interruption())
+    s.archive_job("job", "job@20261130-050000")
+    assert s.job("job") is None and s.interruptions("job") == []
+    old = s.job("job@20261130-050000")
+    assert old.state == "finished" and old.config == "job = 'job'\n"
+    assert [i.attempt for i in s.interruptions("job@20261130-050000")] == [0]
+    s.upsert_job("job", state="scheduling")  # the name starts afresh
+    with pytest.raises(StoreError, match="name is taken"):
+        s.upsert_job("job", state="finished") or s.archive_job("job", "job@20261130-050000")

@@ -62,7 +62,7 @@ class Ops:
     def request_restart(self, reason):
         self.calls.append(("restart", reason))
 
-    def request_stop(self, reason):
+    def request_stop(self, reason, drain=False):
         self.calls.append(("stop", reason))
 
 
