@@ -1,6 +1,7 @@
 """Kill -9 a rank at random moments while it checkpoints every other step, 50 times over one job: every attempt
 resumes from a committed, verifying checkpoint, and never loses more than one interval of work beyond the save
-that was still being written when the rank died (that save is never loaded)."""
+that was still being written when the rank died (that save is never loaded). A save waits for the one before
+it, so on a starved machine the loop can be one interval further on, blocked at the next save."""
 
 import json
 import os
@@ -68,10 +69,11 @@ def test_fifty_kills_during_saves_never_resume_from_a_partial_checkpoint(tmp_pat
         assert info is not None
         steps, commits = _steps(stats, attempt)
         last = max(steps)
-        # the newest save that can have been in flight began at the newest multiple of EVERY <= last
+        # the newest save that can have been in flight began at the newest multiple of EVERY <= last, or one
+        # interval before it when the loop was blocked at save(last) waiting for that one to finish
         in_flight = last - last % EVERY
         lost = last - info.step
-        assert info.step >= in_flight - EVERY, (attempt, last, info.step, commits)
+        assert info.step >= in_flight - 2 * EVERY, (attempt, last, info.step, commits)
         worst = max(worst, lost)
         resumed_from = info.step
     print(f"{TRIALS} kills: worst loss {worst} steps at a checkpoint every {EVERY}")

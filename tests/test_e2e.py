@@ -541,6 +541,10 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
         assert r.returncode == 0 and "detached: running" in r.stdout and "attempt 0" in r.stdout, r.stdout + r.stderr
         r = herdsman_cli("list", "--config", conf)
         assert r.returncode == 0 and "detached" in r.stdout and "yes" in r.stdout, r.stdout + r.stderr
+        r = herdsman_cli("submit", "--config", conf)  # the name of a running job
+        assert r.returncode == 2 and "already running" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        r = herdsman_cli("status", "no-such-job", "--config", conf)
+        assert r.returncode == 2 and "no job named 'no-such-job'" in r.stderr, r.stderr
         r = herdsman_cli("attach", "detached", "--config", conf, timeout=300)  # follows it to the end
         assert r.returncode == 0 and "detached: finished" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     finally:
@@ -551,6 +555,9 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
     assert "detached: finished (no controller running" in r.stdout, r.stdout + r.stderr
     r = herdsman_cli("submit", "--config", conf)  # the name is taken by a finished job
     assert r.returncode == 2 and "already ran" in r.stderr and "--new" in r.stderr
+    r = herdsman_cli("stop", "detached", "--config", conf)  # a finished job: nothing to stop, nothing changed
+    assert r.returncode == 2 and "no controller is running job 'detached'" in r.stderr, r.stderr
+    assert Store(cfg.store_url).job("detached").state == "finished"
 
     # stop --drain: the ranks save a fresh checkpoint, then the job stops
     cfg2 = replace(cfg, job="drained", trainer=replace(cfg.trainer, steps=400))
