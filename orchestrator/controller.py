@@ -123,7 +123,7 @@ class Controller(Operations):
         interruption of its own, unless the dead one had already recorded the attempt's failure."""
         self.ledger = r.ledger
         its = sorted(r.ledger.interruptions.values(), key=lambda i: i.attempt)
-        self.responder.remember(its)  # the crash-loop guard and the lemon detector remember
+        self.responder.remember(its)  # the crash-loop guard and the budget remember (hosts: from the store)
         self.verdicts = [it.verdict for it in its]
         self.previous = sorted(h for h, st in self.pool.status.items() if st.state == HostState.HEALTHY)
         if not r.attempt_recorded:
