@@ -32,6 +32,8 @@ MAX_PGS = 1024  # process groups kept per rank (a real rank is in a handful)
 KEEP_PER_PG = 64  # entries per process group kept in a summary (enough to find a desync near the end)
 _CHECK_EVERY = 1 << 14  # steps between looks at the clock
 _RANK_FILE = re.compile(r"rank_?(\d+)(?:-attempt(\d+))?(?:\.json|\.pkl|\.pickle)?$|(\d+)$")
+# what torch writes for a trainer of the user's own: TORCH_FR_DUMP_TEMP_FILE (herdsman/layout.py) + its rank
+_TORCH_ATTEMPT_FILE = re.compile(r"attempt(\d+)-rank_?(\d+)$")
 _CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
 _HASHABLE_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
@@ -296,7 +298,11 @@ def _clean_entry(e: Any) -> dict[str, Any] | None:
 
 
 def rank_of(path: Path) -> tuple[int, int] | None:
-    """(rank, attempt) from a file name: Herdsman's rank00003-attempt0001.json or torch's nccl_trace_rank_3."""
+    """(rank, attempt) from a file name: Herdsman's rank00003-attempt0001.json, torch's nccl_trace_rank_3, or
+    attempt0001-rank3 (torch's dump under the prefix Herdsman gives any trainer)."""
+    t = _TORCH_ATTEMPT_FILE.search(path.name)
+    if t:
+        return int(t.group(2)), int(t.group(1))
     m = _RANK_FILE.search(path.name)
     if not m:
         return None

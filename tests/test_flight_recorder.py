@@ -92,6 +92,7 @@ def test_rank_from_file_names():
     from pathlib import Path
     assert rank_of(Path("rank00012-attempt0003.json")) == (12, 3)
     assert rank_of(Path("nccl_trace_rank_7")) == (7, 0)
+    assert rank_of(Path("attempt0002-rank13")) == (13, 2)  # TORCH_FR_DUMP_TEMP_FILE as herdsman/layout.py sets it
     assert rank_of(Path("notes.txt")) is None
 
 
