@@ -60,6 +60,16 @@ class JobCollector(Collector):
             secs.add_metric([job, kind], float(split[kind]))
         yield secs
 
+        bad = CounterMetricFamily("herdsman_job_badput_seconds", "Wall time each root cause cost the job: "
+                                  "detection + restart + restore + work done again.", labels=["job", "cause"])
+        cost: Counter[str] = Counter()
+        for i in its:
+            cost[i.get("cause", "unknown")] += ((i.get("detection_s") or 0.0) + (i.get("restart_s") or 0.0)
+                                                + (i.get("restore_s") or 0.0) + (i.get("lost_work_s") or 0.0))
+        for cause, v in sorted(cost.items()):
+            bad.add_metric([job, cause], float(v))
+        yield bad
+
         counts = Counter((i.get("cause", "unknown"), bool(i.get("planned"))) for i in its)
         inter = CounterMetricFamily("herdsman_interruptions", "Interruptions by root cause (Llama 3 Table 5).",
                                     labels=["job", "cause", "component", "category", "planned"])

@@ -38,6 +38,10 @@ class Summary:
         return self.wall_s / n if n else None
 
     @property
+    def badput(self) -> list[tuple[RootCause, float, float]]:
+        return badput_by_cause(self.interruptions, self.wall_s)
+
+    @property
     def mttr_s(self) -> float | None:
         done = [i for i in self.interruptions if i.restore_s is not None]
         if not done:
@@ -78,6 +82,19 @@ def table5(interruptions: list[Interruption]) -> list[list[object]]:
     return table5_rows(Counter(i.verdict.cause for i in interruptions if not i.planned))
 
 
+def cost_s(i: Interruption) -> float:
+    """What one interruption cost the job: detection, restart, restore and the work done again."""
+    return i.detection_s + (i.restart_s or 0.0) + (i.restore_s or 0.0) + i.lost_work_s
+
+
+def badput_by_cause(interruptions: list[Interruption], wall_s: float) -> list[tuple[RootCause, float, float]]:
+    """(cause, seconds, share of the wall time) per root cause, costliest first: how much ETTR each cause cost."""
+    cost: Counter[RootCause] = Counter()
+    for i in interruptions:
+        cost[i.verdict.cause] += cost_s(i)
+    return [(c, v, v / wall_s if wall_s > 0 else 0.0) for c, v in cost.most_common() if v > 0]
+
+
 def planned_note(interruptions: list[Interruption]) -> str:
     n = sum(1 for i in interruptions if i.planned)
     return f"Unexpected interruptions only; {n} planned interruption(s) are not counted here, as in Table 5." if n else ""
@@ -110,6 +127,11 @@ def render_text(s: Summary) -> str:
                         headers=["time", "seconds", "share"]))
     mttf, mttr = s.mttf_s, s.mttr_s
     out.append(f"MTTF: {'-' if mttf is None else f'{mttf:.1f} s'}   MTTR: {'-' if mttr is None else f'{mttr:.1f} s'}")
+    if s.badput:
+        out.append("")
+        out.append("What each root cause cost (detection + restart + restore + work done again)")
+        out.extend(f"  {c.facts.component} ({c.value}) cost {100 * share:.1f}% of this job's wall time ({v:.1f} s)"
+                   for c, v, share in s.badput)
     if s.interruptions:
         out.append("")
         rows = []

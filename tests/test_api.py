@@ -378,3 +378,11 @@ def test_a_stop_can_wait_for_a_fresh_checkpoint(api):
     assert client.post("/api/job/stop", json={"reason": "end", "drain": True}, headers=AUTH).status_code == 200
     assert ops.calls[-1] == ("stop-drain", "end")
     assert client.post("/api/job/stop", json={"reason": "x", "drain": "soon"}, headers=AUTH).status_code == 422
+
+
+def test_metrics_say_what_each_cause_cost(api):
+    client, _ = api
+    body = client.get("/metrics").text
+    assert 'herdsman_job_badput_seconds_total{cause="faulty_gpu",job=' in body
+    line = next(ln for ln in body.splitlines() if ln.startswith("herdsman_job_badput_seconds_total"))
+    assert float(line.rsplit(" ", 1)[1]) == 0.7  # detection only: the restart is not known yet

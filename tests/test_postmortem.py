@@ -134,3 +134,18 @@ def test_a_54_day_history_in_table5_proportions_reproduces_table5(tmp_path):
     # Table 5 prints 30.1% for faulty GPUs, but 148 of 419 is 35.3%; every other row is count / 419 exactly.
     assert paper_inconsistent == [RootCause.FAULTY_GPU]
     assert "MTTF 3.09 h" in md  # 54 days / 419 unexpected interruptions
+
+
+def test_each_root_cause_s_cost_in_ettr():
+    from herdsman.events import Interruption, Verdict
+    from herdsman.taxonomy import RootCause
+    from orchestrator.report import badput_by_cause
+
+    hbm = Verdict(RootCause.GPU_HBM3_MEMORY, 0.95, ("h1",))
+    bug = Verdict(RootCause.SOFTWARE_BUG, 0.8, ("h2",))
+    its = [Interruption("j", 0, hbm, 100.0, 110.0, 130.0, 140.0, lost_work_s=20.0),  # 10 + 20 + 10 + 20 = 60
+           Interruption("j", 1, bug, 300.0, 301.0, 305.0, 306.0, lost_work_s=4.0),  # 1 + 4 + 1 + 4 = 10
+           Interruption("j", 2, hbm, 500.0, 510.0, None, None, lost_work_s=0.0)]  # still restarting: 10
+    assert badput_by_cause(its, 1000.0) == [(RootCause.GPU_HBM3_MEMORY, 70.0, 0.07),
+                                            (RootCause.SOFTWARE_BUG, 10.0, 0.01)]
+    assert badput_by_cause([], 1000.0) == []
