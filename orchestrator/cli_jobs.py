@@ -184,23 +184,32 @@ def register(main: click.Group, config_option: Callable, load: Callable[..., Her
     def daemon(config_path: str | None, every: float) -> None:
         """The head-side restart daemon (systemd: deploy/herdsman.service): waits for the Ray cluster, then keeps
         a controller running for every live job in the store."""
-        from orchestrator.cluster import connect
+        run_daemon(load(config_path), every, echo)
 
-        cfg = load(config_path)
-        while True:
-            try:
+
+def run_daemon(cfg: HerdsmanConfig, every: float, echo: Callable[[str], None], iterations: int | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> None:
+    """Look every `every` seconds: join the cluster if not joined, then resume the live jobs that lack a
+    controller. A cluster or store that is not up yet is a line and another look later, never an exit."""
+    import ray
+
+    from orchestrator.cluster import connect
+
+    n = 0
+    while iterations is None or n < iterations:
+        n += 1
+        try:
+            if not ray.is_initialized():
                 connect(cfg.cluster.address)
-                for name in resume_jobs(cfg):
-                    echo(f"resumed job {name}")
-            except Exception as e:  # noqa: BLE001 - the cluster or the store is not up yet: look again later
-                echo(f"waiting: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                try:
-                    import ray
-
-                    ray.shutdown()
-                except Exception:  # noqa: BLE001
-                    pass
-            time.sleep(every)
+            for name in resume_jobs(cfg):
+                echo(f"resumed job {name}")
+        except Exception as e:  # noqa: BLE001 - the cluster or the store is not up yet: look again later
+            echo(f"waiting: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            try:
+                ray.shutdown()  # joined a cluster that then went away: join afresh next time
+            except Exception:  # noqa: BLE001
+                pass
+        sleep(every)
 
 
 def resume_jobs(cfg: HerdsmanConfig) -> list[str]:

@@ -13,7 +13,6 @@ from orchestrator.cluster import LocalCluster, connect
 from orchestrator.job import controller_of, launch_controller, stop_controller, wait_done, wait_until
 from orchestrator.store import Store
 
-pytestmark = pytest.mark.e2e
 HOSTS = ["host-1", "host-2", "host-3", "host-4"]
 
 
@@ -22,6 +21,7 @@ def processes_mentioning(text):
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
+@pytest.mark.e2e
 def test_the_job_carries_on_after_the_head_restarts(tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config(overrides={"run_dir": str(run_dir), "job": "phoenix-head",
@@ -56,3 +56,14 @@ def test_the_job_carries_on_after_the_head_restarts(tmp_path):
     assert its[0].resumed_step is not None and its[0].resumed_step >= 5 and step_before >= 12
     time.sleep(1)
     assert processes_mentioning(str(run_dir)) == []  # no rank of the first cluster left behind
+
+
+def test_the_daemon_waits_for_a_cluster_that_is_not_up_yet(tmp_path):
+    """Started by systemd before Ray: each look is one line, never an exit (the resume itself is tested above)."""
+    from orchestrator.cli_jobs import run_daemon
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "cluster": {"address": "127.0.0.1:1"}})
+    lines, naps = [], []
+    run_daemon(cfg, 7.0, lines.append, iterations=3, sleep=naps.append)
+    assert naps == [7.0, 7.0, 7.0] and len(lines) == 3
+    assert all(line.startswith("waiting: HerdsmanError: cannot reach the Ray cluster at 127.0.0.1:1") for line in lines)
