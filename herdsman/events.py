@@ -63,7 +63,6 @@ class Reason(str, enum.Enum):
 
 LINK_DOWN = frozenset({Reason.NIC_DOWN, Reason.IB_PORT_DOWN, Reason.NIC_LINK_DOWN, Reason.IB_PORT_DOWN_LOG,
                        Reason.IB_ERRORS})
-AGENT_SILENT = Reason.AGENT_SILENT.value
 
 
 class TrainerPhase(str, enum.Enum):

@@ -354,6 +354,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
 
     from tabulate import tabulate
 
+    from orchestrator import sim_sweep
     from orchestrator import simulate as sim
     from orchestrator.report import render_simulation
 
@@ -367,7 +368,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
         key, sep, value = item.partition("=")
         if not sep:
             raise HerdsmanError(f"--set takes KEY=VALUE, got {item!r}")
-        values = sim.parse_values(base, key, value)
+        values = sim_sweep.parse_values(base, key, value)
         if len(values) != 1:
             raise HerdsmanError(f"--set takes one value, got {item!r} (use --sweep for several)")
         overrides[key] = values[0]
@@ -377,7 +378,7 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise HerdsmanError(f"--sweep takes KEY=V1,V2,..., got {item!r}")
-        grid[key] = sim.parse_values(base, key, values)
+        grid[key] = sim_sweep.parse_values(base, key, values)
     if not grid:
         results = [sim.simulate(dataclasses.replace(base, seed=base.seed + s)) for s in range(seeds)]
         click.echo(render_simulation(results[0]))
@@ -392,12 +393,12 @@ def simulate(config_path: str | None, profile_name: str | None, sets: tuple[str,
         return
     total = seeds * math.prod(len(v) for v in grid.values())
     with click.progressbar(length=total, label=f"{total} runs", file=sys.stderr) as bar:
-        rows = sim.sweep(base, grid, seeds, on_run=lambda: bar.update(1))
+        rows = sim_sweep.sweep(base, grid, seeds, on_run=lambda: bar.update(1))
     table = [[*r.params.values(), f"{100 * r.mean('ettr'):.2f}", f"{100 * r.std('ettr'):.2f}",
               f"{r.mean('interruptions'):.0f}", f"{r.mean('mttr') / 60:.1f}", f"{r.mean('spares_used'):.0f}"]
              for r in rows]
     click.echo(tabulate(table, headers=[*grid, "ETTR %", "+-", "interruptions", "MTTR min", "spares used"]))
-    sim.sweep_plot(rows, grid, plot_path)
+    sim_sweep.sweep_plot(rows, grid, plot_path)
     click.echo(f"plot: {plot_path}")
     if json_path:
         Path(json_path).write_text(json.dumps({"base": dataclasses.asdict(base), "grid": grid, "seeds": seeds,

@@ -20,12 +20,12 @@ import ray
 from herdsman import layout
 from herdsman.config import HerdsmanConfig, to_toml
 from herdsman.events import (
-    AGENT_SILENT,
     AgentReport,
     Evidence,
     EvidenceKind,
     Heartbeat,
     HostState,
+    Reason,
     Severity,
     TrainerPhase,
     Verdict,
@@ -281,7 +281,7 @@ class Controller(Operations):
                 for h in silent:
                     self.evidence.append(Evidence(h, EvidenceKind.TRAINER_EXIT, now,
                                                   f"agent silent for more than {window:.0f} s", Severity.WARNING,
-                                                  attrs={"reason": AGENT_SILENT}))
+                                                  attrs={"reason": Reason.AGENT_SILENT.value}))
                 for h in silent:  # out until an operator returns it after a health check
                     self.pool.quarantine(h, f"silent for more than {window:.0f} s while in the job", now)
                 self._persist_hosts()

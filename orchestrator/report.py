@@ -18,7 +18,7 @@ from herdsman.taxonomy import RootCause
 from orchestrator.store import JobRecord, Store
 
 if TYPE_CHECKING:
-    from orchestrator.simulate import SimResult
+    from orchestrator.sim_result import SimResult
 
 
 @dataclass(frozen=True)

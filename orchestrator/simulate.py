@@ -25,7 +25,6 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -34,6 +33,7 @@ from herdsman.events import TIME_SPLIT, HostState, Verdict
 from herdsman.taxonomy import TABLE5_UNEXPECTED, Action, RootCause
 from orchestrator.policy import HostPool, LemonDetector
 from orchestrator.responder import FailureResponder
+from orchestrator.sim_result import SimInterruption, SimResult
 
 DAY = 86400.0
 CONFUSION = Path(__file__).resolve().parent / "diagnosis_confusion.json"
@@ -82,97 +82,6 @@ def table5_rates(cfg: SimulateConfig) -> dict[RootCause, float]:
     return {c: c.facts.table5_count * per_s for c in HOST_CAUSES + JOB_CAUSES}
 
 
-@dataclass(frozen=True)
-class SimInterruption:
-    time: float
-    cause: RootCause
-    planned: bool
-    hosts: tuple[str, ...]
-    detection_s: float
-    restart_s: float
-    restore_s: float
-    lost_work_s: float
-    idle_s: float
-    action: Action
-    reason: str
-    drain_stall_s: float = 0.0  # the fresh checkpoint a drain takes before going down
-    verdict: RootCause | None = None  # what the diagnosis said (differs from `cause` when it was wrong)
-    lost_steps: int = 0
-    struck: tuple[str, ...] = ()  # the host the fault struck (`hosts` are those taken out)
-
-
-@dataclass
-class SimResult:
-    cfg: SimulateConfig
-    wall_s: float
-    split: dict[str, float]
-    interruptions: list[SimInterruption]
-    spares_used: int = 0
-    lemons_flagged: int = 0
-    lemons_found: int = 0  # of those, hosts that really were lemons
-    lemon_hosts: int = 0
-    lemons_still_in: int = 0  # lemons never found by the end
-    lemons_before_job: int = 0  # found from the fleet's history before the job started
-    healthy_flagged: int = 0  # hosts flagged as lemons that were neither lemons nor left faulty by a wrong verdict
-    spare_failures: int = 0
-    misdiagnosed: int = 0
-    human_interventions: int = 0
-    waits_for_hosts: int = 0
-    policy_calls: int = 0
-    policy_s: float = 0.0
-    sim_wall_s: float = 0.0
-
-    @property
-    def ettr(self) -> float:
-        return self.split["productive"] / self.wall_s
-
-    @property
-    def unexpected(self) -> list[SimInterruption]:
-        return [i for i in self.interruptions if not i.planned]
-
-    @property
-    def by_cause(self) -> Counter[RootCause]:
-        return Counter(i.cause for i in self.unexpected)
-
-    @property
-    def mttf_s(self) -> float | None:
-        n = len(self.unexpected)
-        return self.wall_s / n if n else None
-
-    @property
-    def mttr_s(self) -> float | None:
-        its = self.interruptions
-        return sum(i.detection_s + i.restart_s + i.restore_s for i in its) / len(its) if its else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": dataclasses.asdict(self.cfg), "wall_s": self.wall_s, "ettr": self.ettr, "split": self.split,
-            "interruptions": len(self.interruptions), "unexpected": len(self.unexpected),
-            "planned": len(self.interruptions) - len(self.unexpected),
-            "by_cause": {c.value: n for c, n in self.by_cause.most_common()},
-            "mttf_s": self.mttf_s, "mttr_s": self.mttr_s, "spares_used": self.spares_used,
-            "lemons_flagged": self.lemons_flagged, "lemons_found": self.lemons_found, "lemon_hosts": self.lemon_hosts,
-            "lemon_recall": self.lemon_recall, "lemon_precision": self.lemon_precision,
-            "lemons_before_job": self.lemons_before_job, "healthy_flagged": self.healthy_flagged,
-            "spare_failures": self.spare_failures, "misdiagnosed": self.misdiagnosed,
-            "human_interventions": self.human_interventions, "waits_for_hosts": self.waits_for_hosts,
-            "policy_calls": self.policy_calls, "policy_us_per_event": self.policy_us_per_event,
-            "sim_wall_s": self.sim_wall_s,
-        }
-
-    @property
-    def lemon_recall(self) -> float | None:
-        return self.lemons_found / self.lemon_hosts if self.lemon_hosts else None
-
-    @property
-    def lemon_precision(self) -> float | None:
-        return self.lemons_found / self.lemons_flagged if self.lemons_flagged else None
-
-    @property
-    def policy_us_per_event(self) -> float:
-        return 1e6 * self.policy_s / max(1, len(self.interruptions))
-
-
 class Simulation:
     """One run. `Simulation(cfg).run()`; failures go through the controller's own FailureResponder and HostPool."""
 
@@ -193,8 +102,8 @@ class Simulation:
         self.responder = FailureResponder(ctl, LemonDetector(
             ctl.lemon_window_s, ctl.lemon_threshold, factor=ctl.lemon_factor, warning_factor=ctl.lemon_warning_factor,
             prior_share=ctl.lemon_prior_share))
-        for h in self.hosts:
-            self.responder.lemons.enroll(h, 0.0)
+        for h in self.hosts:  # each host's record starts with the fleet's history (see _history)
+            self.responder.lemons.enroll(h, -cfg.history_days * DAY)
         self.confusion = confusion if confusion is not None else (
             measured_confusion() if cfg.diagnosis == "measured" else {})
         rates = table5_rates(cfg)
@@ -359,8 +268,6 @@ class Simulation:
         weights = [self.host_rate[c] for c in causes]
         events: list[tuple[float, str, str, RootCause | None]] = []
         for h in self.hosts:
-            self.responder.lemons.since[h] = -span
-            self.responder.lemons._since_sum -= span
             lam_f = self.host_rate_sum * self.weight[h] * span
             lam_w = self.warn_rate * (self.cfg.lemon_precursor_factor if h in self.lemons else 1.0) * span
             for _ in range(_poisson(self.rng, lam_f)):
@@ -368,7 +275,7 @@ class Simulation:
             for _ in range(_poisson(self.rng, lam_w)):
                 events.append((-span * self.rng.random(), "warn", h, None))
         for t, kind, h, cause in sorted(events, key=lambda e: e[0]):
-            if h not in self.responder.lemons.since or self.pool.state(h) == HostState.QUARANTINED:
+            if self.pool.state(h) == HostState.QUARANTINED:
                 continue  # at RMA: what it shows there is not seen
             if kind == "warn":
                 flagged = self.responder.lemons.warn(h, t)
@@ -544,89 +451,10 @@ def simulate(cfg: SimulateConfig) -> SimResult:
     return Simulation(cfg).run()
 
 
-# --- sweeps ---------------------------------------------------------------------------------------------------
-@dataclass
-class SweepRow:
-    params: dict[str, Any]
-    ettr: list[float] = field(default_factory=list)
-    interruptions: list[int] = field(default_factory=list)
-    mttr: list[float] = field(default_factory=list)
-    spares_used: list[int] = field(default_factory=list)
-
-    def mean(self, name: str) -> float:
-        xs = getattr(self, name)
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    def std(self, name: str) -> float:
-        xs = getattr(self, name)
-        m = self.mean(name)
-        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
-
-def parse_values(cfg: SimulateConfig, key: str, text: str) -> list[Any]:
-    """`key=v1,v2` values, typed as the config field."""
-    fields = {f.name: f for f in dataclasses.fields(SimulateConfig)}
-    if key not in fields:
-        raise ConfigError(f"unknown simulate parameter {key!r} (known: {', '.join(fields)})")
-    typ = type(getattr(cfg, key))
-    try:
-        return [typ(v) if typ is not int else int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"simulate.{key} takes {typ.__name__} values, got {text!r}") from None
-
-
-def sweep(base: SimulateConfig, grid: dict[str, list[Any]], seeds: int,
-          on_run: Callable[[], None] | None = None) -> list[SweepRow]:
-    rows = []
-    for combo in itertools.product(*grid.values()):
-        params = dict(zip(grid, combo))
-        row = SweepRow(params)
-        for s in range(seeds):
-            r = simulate(dataclasses.replace(base, **params, seed=base.seed + s))
-            row.ettr.append(r.ettr)
-            row.interruptions.append(len(r.interruptions))
-            row.mttr.append(r.mttr_s or 0.0)
-            row.spares_used.append(r.spares_used)
-            if on_run:
-                on_run()
-        rows.append(row)
-    return rows
-
-
-def sweep_plot(rows: list[SweepRow], grid: dict[str, list[Any]], path: str) -> None:
-    """ETTR against the first swept parameter, one line per combination of the others."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(grid)
-    x_key, others = keys[0], keys[1:]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    groups: dict[tuple, list[SweepRow]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.params[k] for k in others), []).append(r)
-    for label, rs in groups.items():
-        xs = [r.params[x_key] for r in rs]
-        ys = [100 * r.mean("ettr") for r in rs]
-        err = [100 * r.std("ettr") for r in rs]
-        name = ", ".join(f"{k}={v}" for k, v in zip(others, label)) or "ETTR"
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel("effective training time (%)")
-    ax.grid(alpha=0.3)
-    if len(groups) > 1 or others:
-        ax.legend(fontsize=8)
-    ax.set_title("Simulated ETTR")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def expected_unexpected(cfg: SimulateConfig) -> float:
     """Unexpected interruptions the rates predict for the window, ignoring downtime (about TABLE5_UNEXPECTED)."""
     return sum(table5_rates(cfg).values()) * cfg.days * DAY
 
 
-__all__ = ["PROFILES", "SimResult", "SimInterruption", "Simulation", "SweepRow", "TABLE5_UNEXPECTED",
-           "expected_unexpected", "parse_values", "profile", "simulate", "sweep", "sweep_plot", "table5_rates"]
+__all__ = ["PROFILES", "SimResult", "SimInterruption", "Simulation", "TABLE5_UNEXPECTED", "expected_unexpected",
+           "profile", "simulate", "table5_rates"]

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from herdsman.config import ConfigError, SimulateConfig
 from herdsman.events import TIME_SPLIT
 from herdsman.taxonomy import TABLE5_PLANNED, TABLE5_UNEXPECTED, RootCause
-from orchestrator.simulate import expected_unexpected, parse_values, profile, simulate
+from orchestrator.sim_sweep import parse_values
+from orchestrator.simulate import expected_unexpected, profile, simulate
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
