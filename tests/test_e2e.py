@@ -151,7 +151,8 @@ def test_crash_loop_stops_the_job_without_burning_a_spare(cluster, tmp_path):
 def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
     import httpx
 
-    cfg = job_config(tmp_path, "api")
+    # it ends by the operator's stop; enough steps that a slow Prometheus start cannot let it finish first
+    cfg = job_config(tmp_path, "api", trainer={"steps": 1000})
     ctrl = launch_controller(cfg)
     try:
         st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
