@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
-from herdsman import RAY_NAMESPACE, controller_name
+from herdsman import RAY_NAMESPACE, controller_name, wire
 from herdsman.config import HerdsmanConfig
 from herdsman.events import AgentReport
 from agents.agent import NodeAgent
@@ -19,29 +20,70 @@ def agent_name(host: str) -> str:
 
 
 class AgentService:
+    """Sends each cycle's report as one wire frame (herdsman/wire.py): to its relay when the controller named one,
+    else to the controller itself. GPU samples ride along on the first report a controller gets, every
+    `agent.samples_every_s`, and with any evidence; Prometheus scrapes every reading from the agent itself."""
+
     def __init__(self, host: str, config: HerdsmanConfig):
-        self._controller = None
+        self._target = None
+        self._via_relay = False
         self._job = ""
+        self._relay = ""
+        self._samples_due = 0.0
+        self._last_ref = None
+        self.samples_every_s = config.agent.samples_every_s
         self.agent = NodeAgent(host, config, sink=self._send)
         self.agent.start_metrics()
         self.agent.start()
 
-    def _send(self, report: AgentReport) -> None:
-        if self._controller is None or self._job != self.agent.job:
-            try:  # the controller of the job this host serves
-                self._job = self.agent.job
-                self._controller = ray.get_actor(controller_name(self._job), namespace=RAY_NAMESPACE)
+    def _find_target(self) -> None:
+        self._job = self.agent.job
+        self._samples_due = 0.0  # whoever receives from now on has no readings of this host yet
+        if self._relay:
+            try:
+                self._target, self._via_relay = ray.get_actor(self._relay, namespace=RAY_NAMESPACE), True
+                return
             except ValueError:
-                self._controller = None
-                return  # no controller yet: the next cycle tries again
-        try:
-            self._controller.report.remote(report)
-        except Exception:  # controller gone: look it up again next time
-            self._controller = None
+                log.info("relay %s not found: reporting to the controller directly", self._relay)
+        try:  # the controller of the job this host serves
+            self._target, self._via_relay = ray.get_actor(controller_name(self._job), namespace=RAY_NAMESPACE), False
+        except ValueError:
+            self._target = None  # no controller yet: the next cycle tries again
 
-    def ready(self, job: str = "", run_dir: str = "") -> str:
+    def _send(self, report: AgentReport) -> None:
+        if self._last_ref is not None:  # the previous call failed: its receiver is gone, find the current one
+            done, _ = ray.wait([self._last_ref], timeout=0)
+            if done:
+                try:
+                    ray.get(done[0])
+                except Exception:
+                    self._target = None
+                self._last_ref = None
+        if self._target is None or self._job != self.agent.job:
+            self._find_target()
+            if self._target is None:
+                return
+        now = time.monotonic()
+        samples = now >= self._samples_due or bool(report.evidence)
+        frame = wire.encode(report, samples=samples)
+        try:
+            if self._via_relay:
+                ref = self._target.send.remote(frame, wire.urgent(report))
+            else:
+                ref = self._target.ingest.remote(frame)
+        except Exception:  # the actor handle is dead: look it up again next time
+            self._target = None
+            return
+        if samples:
+            self._samples_due = now + self.samples_every_s
+        if self._last_ref is None:
+            self._last_ref = ref
+
+    def ready(self, job: str = "", run_dir: str = "", relay: str = "") -> str:
         if job:
             self.agent.follow(job, run_dir or None)
+        if relay != self._relay:
+            self._relay, self._target = relay, None
         return self.agent.metrics_url
 
     def collect_now(self) -> AgentReport:

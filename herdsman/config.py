@@ -82,6 +82,9 @@ class AgentConfig:
     """A rank whose step time is this many times its own usual is a straggler."""
     drift_window: int = _f(2000, ge=1)
     """Samples kept per node for stragglers and the throughput-vs-temperature fit."""
+    samples_every_s: float = _f(10.0, ge=0)
+    """GPU samples travel to the controller this often (and with any evidence); Prometheus scrapes every reading.
+    0 sends them with every heartbeat."""
 
     def __post_init__(self) -> None:
         _validate(self, "agent")
@@ -176,6 +179,11 @@ class ControllerConfig:
     """How long to wait for live ranks to write their flight-recorder dumps after asking."""
     controller_restarts: int = _f(3, ge=-1)
     """How often Ray restarts a controller whose process died; the new one carries on from the store (-1: always)."""
+    relay_fanout: int = _f(64, ge=0)
+    """Hosts per report relay: a fleet of more hosts than this reports through relays (Ray actors that batch
+    agents' frames into one call); 0 means agents always call the controller directly."""
+    relay_flush_s: float = _f(0.1, gt=0)
+    """How long a relay gathers frames before forwarding them (fatal evidence is forwarded at once)."""
     warm_standby: bool = True
     """Keep one pre-imported trainer process per rank ready, so a restart skips the ~2 s torch import."""
 

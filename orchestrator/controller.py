@@ -1,7 +1,8 @@
 """The control loop as an explicit state machine: schedule -> run -> (fail -> diagnose -> act -> back off) -> ...
 
 Each state is a small frozen class (orchestrator/states.py); `_step(state)` returns the next one and all side
-effects live in the step functions. Agents push AgentReports into `report()` from their own threads; the loop reads what they pushed.
+effects live in the step functions. Agents push reports into orchestrator/intake.py (`ingest`, `report`) from their own threads; the loop reads
+what they pushed.
 Every decision is logged with its reason and interruptions are stored with their time split as they complete.
 """
 
@@ -20,21 +21,20 @@ import ray
 from herdsman import layout
 from herdsman.config import HerdsmanConfig, to_toml
 from herdsman.events import (
-    AgentReport,
     Evidence,
     EvidenceKind,
     Heartbeat,
     HostState,
     Reason,
     Severity,
-    TrainerPhase,
     Verdict,
 )
 from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
-from orchestrator.diagnose import Failure, diagnose, hardware_cause, precursor
+from orchestrator.diagnose import Failure, diagnose, hardware_cause
 from orchestrator.fleet import Fleet, Group, RayFleet
 from orchestrator.hangs import flight_recorder_evidence
+from orchestrator.intake import Intake
 from orchestrator.ledger import JobLedger
 from orchestrator.operations import Operations
 from orchestrator.policy import HostPool, LemonDetector
@@ -47,11 +47,10 @@ from orchestrator.store import HostIncident, Store
 from orchestrator.store_writer import StoreWriter
 
 log = logging.getLogger("herdsman.controller")
-PRECURSOR_EVERY_S = 3600.0  # the same precursor on the same host counts once in this time
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Controller(Operations):
+class Controller(Intake, Operations):
     """The control loop; the views and operator actions it serves are in orchestrator/operations.py.
 
     Its parts are injected: the store, the fleet (hosts, agents, worker groups: RayFleet by default), the failure
@@ -91,6 +90,8 @@ class Controller(Operations):
         self.returned_at: dict[str, float] = {}  # host -> when it last passed its health check back into service
         self._precursor_seen: dict[tuple[str, str, str], float] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by fatal evidence and by stop: the loop acts before its next poll
+        self.frames_refused = 0
         self._thread: threading.Thread | None = None
         self._persisted_at = 0.0
         self._requests: list[tuple[str, str]] = []  # operator requests for the loop: (restart | stop, reason)
@@ -144,37 +145,6 @@ class Controller(Operations):
     def attempt(self) -> int:
         return self.ledger.attempt
 
-    # --- agents push here -----------------------------------------------------------------------------------
-    def report_batch(self, reports: list[AgentReport]) -> None:
-        """Several reports in one actor call: what a relay in front of a large fleet sends."""
-        for r in reports:
-            self.report(r)
-
-    def report(self, r: AgentReport) -> None:
-        with self.lock:
-            now = self.clock()
-            self.heartbeats[r.heartbeat.host] = r.heartbeat
-            self.last_heard[r.heartbeat.host] = now
-            self.evidence.extend(r.evidence)
-            for e in r.evidence:  # precursors: what a lemon shows between its failures
-                if precursor(e):
-                    key = (e.host, e.kind.value, str(e.attrs.get("reason") or e.code or ""))
-                    if e.time - self._precursor_seen.get(key, -PRECURSOR_EVERY_S) < PRECURSOR_EVERY_S:
-                        continue  # a condition that persists is one precursor an hour, not one per report
-                    self._precursor_seen[key] = e.time
-                    for h in self.responder.lemons.warn(e.host, e.time):
-                        self._quarantine_lemon(h)
-            for st in r.steps:
-                self.ledger.step(st)
-            for ev in r.trainer_events:
-                if ev.rank != 0:
-                    continue
-                if ev.phase == TrainerPhase.CHECKPOINT_FAILED:
-                    self._decide(f"attempt {ev.attempt}: {ev.message}")
-                done = self.ledger.event(ev)
-                if done is not None:
-                    self.records.record_interruption(done)
-
     def _quarantine_lemon(self, host: str) -> None:
         """A host found to be a lemon from its precursors: out at once if idle, else at the job's next restart."""
         self.pool.quarantine(host, f"lemon: {self.responder.lemons.explain(host, self.clock())}", self.clock())
@@ -191,7 +161,8 @@ class Controller(Operations):
         while not self._stop.is_set() and not isinstance(self.state, TERMINAL):
             changed = self.tick()
             if not changed:  # a transition is acted on at once; only waiting states poll
-                self._stop.wait(self.cfg.controller.poll_interval_s)
+                self._wake.wait(self.cfg.controller.poll_interval_s)
+                self._wake.clear()
         self._persist_progress(final=True)
 
     def tick(self) -> bool:
@@ -460,6 +431,7 @@ class Controller(Operations):
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._api is not None:
             self._api.stop()
         if self._thread is not None:

@@ -47,6 +47,17 @@ class Fleet(Protocol):
     def discover(self) -> dict[str, str]:
         """Host name -> node id of every Herdsman host alive now."""
     def ensure_agents(self, nodes: dict[str, str], job: str, decide: Callable[[str], None]) -> None: ...
+    def _ensure_relays(self, hosts: list[str], job: str) -> dict[str, str]:
+        """Report relays for a fleet larger than one relay's fanout (orchestrator/relay.py); each host's route."""
+        from orchestrator.relay import assign, relay_actor
+
+        c = self.cfg.controller
+        routes = assign(hosts, job, c.relay_fanout)
+        for name in sorted(set(routes.values()) - {""} - set(self.relays)):
+            self.relays[name] = relay_actor().options(name=name, namespace=RAY_NAMESPACE, get_if_exists=True,
+                                                      max_restarts=-1).remote(job, c.relay_flush_s)
+        return routes
+
     def gather(self, hosts: list[str], decide: Callable[[str], None]) -> list[AgentReport]: ...
     def flight_recorder(self, hosts: list[str], attempt: int,
                         decide: Callable[[str], None]) -> tuple[list[Any], list[str], list[str]]:
@@ -66,6 +77,7 @@ class RayFleet:
         self.cfg, self.run_dir, self.cwd = config, run_dir, cwd
         self.agents: dict[str, Any] = {}
         self.rank_actors: dict[tuple[str, int], Any] = {}  # reused across attempts on the same hosts
+        self.relays: dict[str, Any] = {}  # report relays, owned by this controller: they end with it
 
     def discover(self) -> dict[str, str]:
         from orchestrator.cluster import discover_hosts
@@ -88,13 +100,25 @@ class RayFleet:
         for host, node_id in nodes.items():
             if host not in self.agents:
                 self.agents[host] = create(host, node_id)
-        refs = {h: a.ready.remote(job, str(self.run_dir)) for h, a in self.agents.items() if h in nodes}
+        routes = self._ensure_relays(list(nodes), job)
+        refs = {h: a.ready.remote(job, str(self.run_dir), routes[h]) for h, a in self.agents.items() if h in nodes}
         for host, ref in refs.items():
             try:
                 ray.get(ref, timeout=60)
             except Exception as e:
                 decide(f"agent on {host} is gone ({type(e).__name__}): starting a new one")
                 self.agents[host] = create(host, nodes[host])
+
+    def _ensure_relays(self, hosts: list[str], job: str) -> dict[str, str]:
+        """Report relays for a fleet larger than one relay's fanout (orchestrator/relay.py); each host's route."""
+        from orchestrator.relay import assign, relay_actor
+
+        c = self.cfg.controller
+        routes = assign(hosts, job, c.relay_fanout)
+        for name in sorted(set(routes.values()) - {""} - set(self.relays)):
+            self.relays[name] = relay_actor().options(name=name, namespace=RAY_NAMESPACE, get_if_exists=True,
+                                                      max_restarts=-1).remote(job, c.relay_flush_s)
+        return routes
 
     def gather(self, hosts: list[str], decide: Callable[[str], None]) -> list[AgentReport]:
         """A fresh report from each host's agent, not waiting for its next heartbeat."""
@@ -156,6 +180,13 @@ class RayFleet:
         for a in self.rank_actors.values():
             close_actor(a)
         self.rank_actors.clear()
+        for r in self.relays.values():
+            try:
+                ray.get(r.stop.remote(), timeout=5)  # what they hold reaches the controller before it goes
+                ray.kill(r, no_restart=True)
+            except Exception:
+                pass
+        self.relays.clear()
         for a in self.agents.values():
             try:
                 ray.get(a.stop.remote(), timeout=5)

@@ -42,6 +42,7 @@ class Operations:
                 "metrics_urls": {h: hb.metrics_url for h, hb in self.heartbeats.items()},
                 "api_url": self.api_url,
                 "store": self.records.view(),
+                "intake": {"relays": sorted(getattr(self.fleet, "relays", {})), "frames_refused": self.frames_refused},
                 "pid": os.getpid(),
                 **self._progress_view(),
             }

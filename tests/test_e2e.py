@@ -52,11 +52,13 @@ def xid79_on_rank1(ctrl, after_step):
 
 
 def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, tmp_path):
-    cfg = job_config(tmp_path, "xid79")
+    # reports reach the controller through two relays, as on a fleet larger than one relay's fanout
+    cfg = job_config(tmp_path, "xid79", controller={"relay_fanout": 2})
     ctrl = launch_controller(cfg)
     try:
         victim = xid79_on_rank1(ctrl, 12)
         st = wait_done(ctrl, 300)
+        assert st["intake"] == {"relays": ["herdsman-relay-xid79-0", "herdsman-relay-xid79-1"], "frames_refused": 0}
         # the operator page, from the real controller in a real browser, shows the evicted host
         with chromium_page() as page:
             page.goto(st["api_url"] + "/")
@@ -587,6 +589,7 @@ def test_a_trainer_of_your_own_is_evicted_and_resumes_from_its_own_checkpoint(cl
     try:
         victim = xid79_on_rank1(ctrl, 12)
         st = wait_done(ctrl, 300)
+        assert st["intake"] == {"relays": ["herdsman-relay-xid79-0", "herdsman-relay-xid79-1"], "frames_refused": 0}
     finally:
         stop_controller(ctrl)
     assert st["state"] == "finished", st["decisions"][-20:]

@@ -1,0 +1,70 @@
+"""What agents send the controller, folded into its state: heartbeats, evidence, precursors, rank 0's records.
+
+Three doors, one fold: `ingest(blob)` takes a batch of wire frames (herdsman/wire.py) from an agent or a relay,
+what a fleet sends through Ray; `report(r)` and `report_batch(rs)` take AgentReports in process (the simulator, the
+tests, and the controller's own gathers). A mixin of Controller: it works on the controller's state under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from herdsman import wire
+from herdsman.events import AgentReport, Severity, TrainerPhase
+from orchestrator.diagnose import precursor
+
+log = logging.getLogger("herdsman.controller")
+PRECURSOR_EVERY_S = 3600.0  # the same precursor on the same host counts once in this time
+
+
+class Intake:
+    def ingest(self, blob: bytes) -> int:
+        """A batch of report frames; returns how many were taken (malformed frames are counted and skipped)."""
+        reports, bad = wire.decode(blob)  # outside the lock: the loop is not held up by decoding
+        with self.lock:
+            self.frames_refused += bad
+            for r in reports:
+                try:
+                    self._absorb(r)
+                except Exception:  # one report the fold cannot take must not cost the rest of the batch
+                    self.frames_refused += 1
+                    log.exception("report from %r refused", r.heartbeat.host)
+        if any(wire.urgent(r) for r in reports):
+            self._wake.set()  # the loop looks now, not at its next poll
+        return len(reports)
+
+    def report_batch(self, reports: list[AgentReport]) -> None:
+        with self.lock:
+            for r in reports:
+                self._absorb(r)
+
+    def report(self, r: AgentReport) -> None:
+        with self.lock:
+            self._absorb(r)
+
+    def _absorb(self, r: AgentReport) -> None:
+        hb = r.heartbeat
+        self.last_heard[hb.host] = self.clock()  # the controller's clock: immune to host skew and queued reports
+        if hb.gpus or hb.host not in self.heartbeats:  # a heartbeat without samples keeps the last readings
+            self.heartbeats[hb.host] = hb
+        self.evidence.extend(r.evidence)
+        for e in r.evidence:  # precursors: what a lemon shows between its failures
+            if precursor(e):
+                key = (e.host, e.kind.value, str(e.attrs.get("reason") or e.code or ""))
+                if e.time - self._precursor_seen.get(key, -PRECURSOR_EVERY_S) < PRECURSOR_EVERY_S:
+                    continue  # a condition that persists is one precursor an hour, not one per report
+                self._precursor_seen[key] = e.time
+                for h in self.responder.lemons.warn(e.host, e.time):
+                    self._quarantine_lemon(h)
+        for st in r.steps:
+            self.ledger.step(st)
+        for ev in r.trainer_events:
+            if ev.rank != 0:
+                continue
+            if ev.phase == TrainerPhase.CHECKPOINT_FAILED:
+                self._decide(f"attempt {ev.attempt}: {ev.message}")
+            done = self.ledger.event(ev)
+            if done is not None:
+                self.records.record_interruption(done)
+        if any(e.severity == Severity.CRITICAL for e in r.evidence):
+            self._wake.set()
