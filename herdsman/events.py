@@ -66,13 +66,13 @@ LINK_DOWN = frozenset({Reason.NIC_DOWN, Reason.IB_PORT_DOWN, Reason.NIC_LINK_DOW
 
 
 class TrainerPhase(str, enum.Enum):
-    STARTED = "started"  # process up, before rendezvous
+    STARTED = "started"  # process up and its imports done, before rendezvous
     RENDEZVOUS = "rendezvous"  # process group formed
-    RESTORED = "restored"  # state loaded from a checkpoint (or fresh start); duration = restore time
+    RESTORED = "restored"  # state loaded from a checkpoint (or fresh start); duration = the load alone
     CHECKPOINT = "checkpoint"  # a checkpoint committed; duration = time the loop was blocked
     CHECKPOINT_FAILED = "checkpoint_failed"  # a save lost to a full/read-only file system; training went on
     FAILED = "failed"  # about to exit with an error; message holds it
-    FINISHED = "finished"  # reached the target step
+    FINISHED = "finished"  # reached the target step (or drained); duration = waiting for the last saves
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,7 @@ class StepStats:
     tokens: int
     loss: float
     compute_s: float = 0.0  # this rank's own work, before it waits for the others in the step's last collective
+    data_s: float = 0.0  # of step_time_s, the time spent waiting for the batch (data loading)
 
     @property
     def tokens_per_s(self) -> float:
@@ -248,8 +249,10 @@ class Verdict:
             raise ValueError(f"confidence must be within [0, 1], got {self.confidence}")
 
 
-# Where a job's wall-clock time goes (README, "How it fits together"); ETTR = productive / wall.
-TIME_SPLIT = ("productive", "checkpoint", "detection", "restart", "restore", "lost_work", "idle")
+# Where a job's wall-clock time goes, every second in one bucket, each measured where it happens
+# (orchestrator/accounts.py; README, "Where the time goes"); ETTR = productive / wall.
+TIME_SPLIT = ("productive", "data_loading", "checkpoint", "startup", "detection", "restart", "restore", "lost_work",
+              "waiting_for_hosts", "operator", "shutdown", "unexplained")
 
 @dataclass(frozen=True)
 class Interruption:

@@ -28,13 +28,15 @@ class StatsWriter:
         if self._f is not None:
             self._f.write(json.dumps({"kind": kind, **to_dict(record)}) + "\n")
 
-    def step(self, step: int, step_time_s: float, tokens: int, loss: float, compute_s: float = 0.0) -> None:
+    def step(self, step: int, step_time_s: float, tokens: int, loss: float, compute_s: float = 0.0,
+             data_s: float = 0.0) -> None:
         self._write("step", StepStats(self.rank, self.host, self.attempt, step, time.time(), step_time_s, tokens, loss,
-                                      compute_s))
+                                      compute_s, data_s))
 
-    def event(self, phase: TrainerPhase, step: int = 0, duration_s: float = 0.0, message: str = "") -> None:
-        ev = TrainerEvent(self.rank, self.host, self.attempt, phase, time.time(), step, duration_s, message,
-                          pid=os.getpid(), gpu=self.gpu)
+    def event(self, phase: TrainerPhase, step: int = 0, duration_s: float = 0.0, message: str = "",
+              at: float | None = None) -> None:
+        ev = TrainerEvent(self.rank, self.host, self.attempt, phase, time.time() if at is None else at, step,
+                          duration_s, message, pid=os.getpid(), gpu=self.gpu)
         self._write("event", ev)
         if self._f is not None and phase in (TrainerPhase.FAILED, TrainerPhase.FINISHED):
             os.fsync(self._f.fileno())

@@ -85,7 +85,7 @@ _NUM = (int, float)
 _OPT_INT = (int, type(None))
 # the types each record's fields must have: a frame that decodes to something else is refused, not absorbed
 _EVIDENCE_TYPES = (str, str, _NUM, str, str, _OPT_INT, _OPT_INT, _OPT_INT, dict)
-_STEP_TYPES = (int, str, int, int, _NUM, _NUM, int, _NUM, _NUM)
+_STEP_TYPES = (int, str, int, int, _NUM, _NUM, int, _NUM, _NUM, _NUM)
 _EVENT_TYPES = (int, str, int, str, _NUM, int, _NUM, str, int, _OPT_INT)
 
 

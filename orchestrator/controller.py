@@ -8,6 +8,7 @@ Every decision is logged with its reason and interruptions are stored with their
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
 from orchestrator.diagnose import Failure, diagnose, hardware_cause
 from orchestrator.fleet import Fleet, Group, RayFleet
+from orchestrator.accounts import account
 from orchestrator.hangs import flight_recorder_evidence
 from orchestrator.intake import Intake
 from orchestrator.ledger import JobLedger
@@ -95,6 +97,7 @@ class Controller(Intake, Operations):
         self._thread: threading.Thread | None = None
         self._persisted_at = 0.0
         self._requests: list[tuple[str, str]] = []  # operator requests for the loop: (restart | stop, reason)
+        self._unplaced_since: float | None = None  # the attempt could not be placed since (waiting for hosts)
         self._api = None
         self.api_url = ""
         self.recovered = recover(self.store, config.job, self.run_dir)
@@ -217,17 +220,28 @@ class Controller(Intake, Operations):
             self._persist_hosts()
         self.fleet.ensure_agents(self.nodes, self.cfg.job, self._decide)
         n = self.cfg.cluster.worker_hosts
+        with self.lock:
+            if self.attempt not in self.ledger.marks["scheduled"]:
+                self.ledger.mark("scheduled", self.attempt, state.since)
         hosts = self.pool.place(n, self.previous)
         if hosts is None:
+            if self._unplaced_since is None:
+                self._unplaced_since = self.clock()
             if self.clock() - state.since > 60:
                 return Stopped(f"not enough healthy hosts: need {n}, have {len(self.pool.usable())}")
             return state
+        if self._unplaced_since is not None:  # the time no placement was possible: waiting for hosts
+            with self.lock:
+                self.ledger.mark("waited", self.attempt, self.clock() - self._unplaced_since, add=True)
+            self._unplaced_since = None
         self.pool.activate(hosts, self.clock())
         self._persist_hosts()
         env = {layout.ENV_CONFIG: str(self.config_path)}
         if self.ledger.ckpt_at:  # never silently train from scratch once a checkpoint exists
             env[layout.ENV_RESUME] = layout.RESUME_REQUIRED
         self.attempt_started_at = self.clock()
+        with self.lock:
+            self.ledger.mark("launched", self.attempt, self.attempt_started_at)
         self._decide(f"attempt {self.attempt}: starting {n * self.cfg.trainer.ranks_per_host} ranks on "
                      f"{', '.join(hosts)}")
         self.group = self.fleet.start_group([(h, self.nodes[h]) for h in hosts], self.attempt, env)
@@ -413,13 +427,19 @@ class Controller(Intake, Operations):
         self.pool.changes.clear()
 
     def _persist_progress(self, final: bool = False) -> None:
-        self._persisted_at = self.clock()
+        self._persisted_at = now = self.clock()
+        ending = final or isinstance(self.state, TERMINAL)
         with self.lock:
+            if ending and self.ledger.attempt not in self.ledger.marks["ended"]:
+                self.ledger.mark("ended", self.ledger.attempt, now)
+            split = account(self.ledger, now, type(self.state).__name__.lower())
             fields: dict[str, Any] = dict(last_step=self.ledger.step_now, productive_s=self.ledger.productive_s,
-                                          checkpoint_s=self.ledger.ckpt_stall_s)
-        if final or isinstance(self.state, TERMINAL):
+                                          checkpoint_s=self.ledger.ckpt_stall_s,
+                                          accounts=json.dumps({**self.ledger.marks_dict(), "split": split}))
+        if ending:
             fields.update(state="finished" if isinstance(self.state, Finished) else "stopped",
-                          ended_at=self.clock(), message=getattr(self.state, "reason", ""))
+                          ended_at=self.ledger.marks["ended"][self.ledger.attempt],
+                          message=getattr(self.state, "reason", ""))
         self.records.upsert_job(self.cfg.job, **fields)
 
     def productive_s(self) -> float:

@@ -15,7 +15,6 @@ from prometheus_client.registry import Collector
 
 from herdsman.events import TIME_SPLIT, HostState
 from herdsman.taxonomy import RootCause
-from orchestrator.report import time_split
 
 
 class JobCollector(Collector):
@@ -50,14 +49,11 @@ class JobCollector(Collector):
         state.add_metric([job, str(st.get("state", ""))], 1.0)
         yield state
 
-        split = time_split(st.get("wall_s") or 0.0, st.get("productive_s") or 0.0, st.get("checkpoint_s") or 0.0,
-                           [(i.get("detection_s") or 0.0, i.get("restart_s"), i.get("restore_s"),
-                             i.get("lost_work_s") or 0.0) for i in its])
-        secs = CounterMetricFamily("herdsman_job_time_seconds", "Wall time of the job by where it went ("
-                                   "split: productive, checkpoint, detection, restart, restore, lost_work, idle).",
-                                   labels=["job", "kind"])
+        split = st.get("split") or {}
+        secs = CounterMetricFamily("herdsman_job_time_seconds", "Wall time of the job by where it went, every "
+                                   "second in one bucket: " + ", ".join(TIME_SPLIT) + ".", labels=["job", "kind"])
         for kind in TIME_SPLIT:
-            secs.add_metric([job, kind], float(split[kind]))
+            secs.add_metric([job, kind], float(split.get(kind, 0.0)))
         yield secs
 
         bad = CounterMetricFamily("herdsman_job_badput_seconds", "Wall time each root cause cost the job: "

@@ -25,6 +25,11 @@ from herdsman.events import (
 )
 
 
+# the controller's marks per attempt: when it began scheduling, seconds it waited for hosts (no placement), when its
+# processes were launched, and when the job ended (under the attempt that was running)
+MARKS = ("scheduled", "waited", "launched", "ended")
+
+
 @dataclass
 class JobLedger:
     job: str
@@ -39,6 +44,16 @@ class JobLedger:
     last_loss: float | None = None
     interruptions: dict[int, Interruption] = field(default_factory=dict)  # the failed attempt -> its record
     pending: Interruption | None = None  # the latest, until its restart and restore are known
+    # what the time accounts (orchestrator/accounts.py) are made of: rank 0's side ...
+    step_data: dict[int, float] = field(default_factory=dict)  # step -> data wait of the kept record
+    redone_s: float = 0.0  # step time of records a later attempt replaced (work done twice)
+    first_step_start: dict[int, float] = field(default_factory=dict)  # attempt -> when its first step began
+    started: dict[int, float] = field(default_factory=dict)  # attempt -> rank 0 up, imports done
+    rendezvous: dict[int, float] = field(default_factory=dict)  # attempt -> process group formed
+    restored: dict[int, tuple[float, float]] = field(default_factory=dict)  # attempt -> (time, load seconds)
+    finished: dict[int, tuple[float, float]] = field(default_factory=dict)  # attempt -> (time, last-save wait)
+    # ... and the controller's (kept in the store: rank 0's are read back from its streams)
+    marks: dict[str, dict[int, float]] = field(default_factory=lambda: {k: {} for k in MARKS})
 
     # --- what rank 0 reports --------------------------------------------------------------------------------
     def step(self, st: StepStats) -> None:
@@ -46,7 +61,14 @@ class JobLedger:
             return
         prev = self.step_time.get(st.step)
         if prev is None or st.attempt >= prev[0]:
+            if prev is not None and st.attempt > prev[0]:
+                self.redone_s += prev[1]
             self.step_time[st.step] = (st.attempt, st.step_time_s)
+            self.step_data[st.step] = min(st.data_s, st.step_time_s)
+        elif st.attempt < prev[0]:  # an older attempt's record read late: it is the one that was redone
+            self.redone_s += st.step_time_s
+        began = st.time - st.step_time_s
+        self.first_step_start[st.attempt] = min(self.first_step_start.get(st.attempt, began), began)
         self.last_step[st.attempt] = max(self.last_step.get(st.attempt, 0), st.step)
         self.last_step_at[st.attempt] = max(self.last_step_at.get(st.attempt, 0.0), st.time)
         self.last_loss = st.loss
@@ -58,9 +80,15 @@ class JobLedger:
         if ev.phase == TrainerPhase.CHECKPOINT:
             self.ckpt_at[ev.step] = ev.time
             self.ckpt_stall_s += ev.duration_s
+        elif ev.phase == TrainerPhase.STARTED:
+            self.started[ev.attempt] = ev.time
+        elif ev.phase == TrainerPhase.FINISHED:
+            self.finished[ev.attempt] = (ev.time, ev.duration_s)
         elif ev.phase == TrainerPhase.RENDEZVOUS:
+            self.rendezvous[ev.attempt] = ev.time
             return self._complete(ev.attempt, restarted_at=ev.time)
         elif ev.phase == TrainerPhase.RESTORED:
+            self.restored[ev.attempt] = (ev.time, ev.duration_s)
             self.resumed_at[ev.attempt] = (ev.time, ev.step)
             self.last_step[ev.attempt] = max(self.last_step.get(ev.attempt, 0), ev.step)
             return self._complete(ev.attempt, resumed_at=ev.time, resumed_step=ev.step)
@@ -83,6 +111,20 @@ class JobLedger:
                 self.fold(json.loads(line))
             except (KeyError, TypeError, ValueError):
                 continue  # the torn last line of a killed rank
+
+    # --- the controller's marks ----------------------------------------------------------------------------
+    def mark(self, kind: str, attempt: int, t: float, add: bool = False) -> None:
+        """A moment (or, with `add`, seconds) the controller measured for an attempt: see MARKS."""
+        book = self.marks.setdefault(kind, {})
+        book[attempt] = book.get(attempt, 0.0) + t if add else t
+
+    def marks_dict(self) -> dict[str, Any]:
+        return {"marks": {k: {str(a): t for a, t in v.items()} for k, v in self.marks.items()}}
+
+    def load_marks(self, d: dict[str, Any]) -> None:
+        for k, v in (d.get("marks") or {}).items():
+            if k in MARKS and isinstance(v, dict):
+                self.marks[k] = {int(a): float(t) for a, t in v.items()}
 
     # --- interruptions ------------------------------------------------------------------------------------
     def interrupt(self, verdict: Verdict, failed_at: float, detected_at: float, planned: bool = False) -> Interruption:

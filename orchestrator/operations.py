@@ -9,6 +9,7 @@ from typing import Any
 
 from herdsman import HerdsmanError
 from herdsman.events import EvidenceKind, to_dict
+from orchestrator.accounts import account
 
 
 class Operations:
@@ -48,27 +49,31 @@ class Operations:
             }
 
     def _progress_view(self) -> dict[str, Any]:
-        """ETTR so far (kept step time over wall time), the latest step time, the age of the latest checkpoint."""
+        """ETTR so far with the time accounts (orchestrator/accounts.py), the latest step time, the age of the
+        latest checkpoint."""
         now = self.clock()
         with self.lock:
             led = self.ledger
+            split = account(led, now, type(self.state).__name__.lower())
             productive = led.productive_s
             last = led.step_time[led.step_now][1] if led.step_time else None
             ckpt = max(led.ckpt_at.values()) if led.ckpt_at else None
-        wall = now - led.started_at
-        return {"job": self.cfg.job, "ettr": productive / wall if wall > 0 else None, "step_time_s": last,
+        wall = sum(split.values())
+        return {"job": self.cfg.job, "ettr": split["productive"] / wall if wall > 0 else None, "step_time_s": last,
                 "since_checkpoint_s": None if ckpt is None else now - ckpt, "wall_s": wall,
-                "productive_s": productive, "checkpoint_s": led.ckpt_stall_s}
+                "productive_s": productive, "checkpoint_s": led.ckpt_stall_s, "split": split}
 
     def gpus_view(self) -> dict[str, Any]:
-        """Every GPU's latest reading (from the heartbeats) and the straggler evidence of the last 10 minutes."""
+        """Every GPU's latest reading (from the heartbeats) and the straggler evidence of the last 10 minutes, with
+        the thermal trends (a GPU heating against its own history before its clock drops)."""
         with self.lock:
             gpus = [{"host": h, "index": g.index, "temperature_c": g.temperature_c, "sm_clock_mhz": g.sm_clock_mhz,
                      "max_sm_clock_mhz": g.max_sm_clock_mhz, "throttle_reasons": list(g.throttle_reasons),
                      "utilization_pct": g.utilization_pct}
                     for h, hb in sorted(self.heartbeats.items()) for g in hb.gpus]
             since = self.clock() - 600
-            stragglers = [e.line() for e in self.evidence if e.kind == EvidenceKind.STRAGGLER and e.time >= since]
+            stragglers = [e.line() for e in self.evidence if e.time >= since and (  # thermal_trend: agents.drift
+                e.kind == EvidenceKind.STRAGGLER or e.attrs.get("reason") == "thermal_trend")]
         return {"gpus": gpus, "stragglers": stragglers[-20:]}
 
     def inject_gpu_fault(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str:

@@ -10,6 +10,7 @@ so ETTR is not counted twice and the crash-loop guard and lemon detector remembe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def recover(store: Store, job: str, run_dir: Path) -> Recovered | None:
     if rec is None or rec.state not in LIVE_STATES:
         return None
     ledger = JobLedger(job, rec.started_at, attempt=rec.attempt)
+    if rec.accounts:  # the dead controller's own marks (rank 0's are read back from its streams below)
+        try:
+            ledger.load_marks(json.loads(rec.accounts))
+        except (ValueError, TypeError, AttributeError):
+            pass  # damaged: the legs they measured become unexplained time, nothing else is lost
     for path in rank0_streams(run_dir, job):
         ledger.fold_stream(path)
     interruptions = store.interruptions(job)

@@ -6,6 +6,7 @@ same split (README, "How it fits together").
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class Summary:
     job: JobRecord
     interruptions: list[Interruption]
     wall_s: float
-    split: dict[str, float]  # productive, checkpoint, detection, restart, restore, lost_work, idle
+    split: dict[str, float]  # TIME_SPLIT's buckets (orchestrator/accounts.py), summing to wall_s
 
     @property
     def ettr(self) -> float:
@@ -57,15 +58,26 @@ def summarize(store: Store, job: str) -> Summary:
         known = ", ".join(j.name for j in store.jobs()) or "none"
         raise HerdsmanError(f"no job named {job!r} in {store.url} (jobs: {known})")
     its = store.interruptions(job)
+    split = stored_split(rec.accounts)
+    if split is not None:  # the controller's time accounts as of its last write (the job's end, once it ended)
+        return Summary(rec, its, sum(split.values()), split)
     wall = (rec.ended_at or time.time()) - rec.started_at
     return Summary(rec, its, wall, time_split(wall, rec.productive_s, rec.checkpoint_s,
                                               [(i.detection_s, i.restart_s, i.restore_s, i.lost_work_s) for i in its]))
 
 
+def stored_split(accounts: str | None) -> dict[str, float] | None:
+    try:
+        split = json.loads(accounts or "null")["split"]
+        return {k: float(split.get(k, 0.0)) for k in TIME_SPLIT}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def time_split(wall_s: float, productive_s: float, checkpoint_s: float,
                interruptions: list[tuple[float, float | None, float | None, float]]) -> dict[str, float]:
-    """The TIME_SPLIT of a job from its kept step time, checkpoint stalls and each interruption's (detection,
-    restart, restore, lost work); idle is the rest of the wall time."""
+    """The split of a job recorded before the time accounts (a store from an older release): kept step time,
+    checkpoint stalls and each interruption's (detection, restart, restore, lost work); the rest is unexplained."""
     split = dict.fromkeys(TIME_SPLIT, 0.0)
     split["productive"], split["checkpoint"] = productive_s, checkpoint_s
     for detection, restart, restore, lost in interruptions:
@@ -73,7 +85,7 @@ def time_split(wall_s: float, productive_s: float, checkpoint_s: float,
         split["restart"] += restart or 0.0
         split["restore"] += restore or 0.0
         split["lost_work"] += lost
-    split["idle"] = max(0.0, wall_s - sum(split.values()))
+    split["unexplained"] = max(0.0, wall_s - sum(split.values()))
     return split
 
 

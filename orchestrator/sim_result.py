@@ -29,6 +29,8 @@ class SimInterruption:
     verdict: RootCause | None = None  # what the diagnosis said (differs from `cause` when it was wrong)
     lost_steps: int = 0
     struck: tuple[str, ...] = ()  # the host the fault struck (`hosts` are those taken out)
+    waiting_s: float = 0.0  # of idle_s: no hosts to place the job on
+    operator_s: float = 0.0  # of idle_s: a human holding the job (a paged failure) beyond the backoff
 
 
 @dataclass

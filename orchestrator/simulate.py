@@ -6,7 +6,7 @@ strike one host (a few lemon hosts many times more often than the rest), softwar
 job. Each failure becomes a Verdict (the cause is taken as diagnosed correctly) and goes through the controller's own
 `RestartPolicy`, `LemonDetector` and `HostPool`, on a simulated clock: evicted hosts leave for repair and come back,
 spares replace them, a stop pages a human. Time is split exactly as in the real reports (README, "How it fits together"): productive,
-checkpoint stalls, detection, restart, restore, lost work, idle.
+checkpoint stalls, detection, restart, restore, lost work, waiting for hosts, a human holding the job (operator).
 
 Failures keep arriving while the job recovers (a restart hit by a failure starts over), so the count of
 interruptions is the rate times the wall time, as in the paper. Stated simplifications: spares do not fail while
@@ -297,7 +297,7 @@ class Simulation:
                 raise ConfigError("simulate: not enough hosts for the job")
             ready = self.returns[0][0]
             self._return_due(ready)
-        self.split["idle"] += min(ready, end)
+        self.split["waiting_for_hosts"] += min(ready, end)
         clock = up_at = ready  # the last event; when the job trains again (after detection, restart, restore)
         while True:
             t, kind, cause, hosts = self._next_event(clock)
@@ -364,8 +364,8 @@ class Simulation:
                 self.faulty.add(h)
                 self.refails[h] = (now + self.rng.expovariate(1 / cfg.refail_s), cause)
         # a human already on it holds the restart, whatever else breaks meanwhile
-        idle = max(response.backoff_s, self.hold_until - now)
-        ready = now + idle  # absolute times: `now + (t - now)` can round below t and never arrive
+        held = max(response.backoff_s, self.hold_until - now)
+        ready = now + held  # absolute times: `now + (t - now)` can round below t and never arrive
         while True:  # wait for enough hosts (repairs coming back) before the restart can be placed
             self._return_due(ready)
             if self._place(self.active, ready) is not None:
@@ -375,13 +375,17 @@ class Simulation:
             self.result.waits_for_hosts += 1
             ready = max(ready, self.returns[0][0])
         idle = ready - now
+        # the wait in three: the backoff (part of the restart), a human holding the job beyond it, no hosts
+        operator = max(0.0, held - response.backoff_s)
+        waiting = max(0.0, idle - held)
         restore = cfg.restore_memory_s if cfg.restore_memory_s > 0 and not response.page else cfg.restore_disk_s
-        for k, v in (("detection", detect), ("idle", idle), ("restart", cfg.restart_s), ("restore", restore)):
+        for k, v in (("detection", detect), ("restart", idle - operator - waiting), ("operator", operator),
+                     ("waiting_for_hosts", waiting), ("restart", cfg.restart_s), ("restore", restore)):
             self.split[k] += v
         lost = acc.get("lost_work", 0.0)
         self.result.interruptions.append(SimInterruption(
             t, cause, planned, response.out, detect, cfg.restart_s, restore, lost, idle, response.action,
-            response.reason, stall, verdict.cause, int(lost // cfg.step_s), hosts))
+            response.reason, stall, verdict.cause, int(lost // cfg.step_s), hosts, waiting, operator))
         return now + idle + cfg.restart_s + restore
 
     def _segment(self, start: float, t: float, lost: bool) -> dict[str, float]:
@@ -401,19 +405,25 @@ class Simulation:
         return out
 
     def _cut_recovery(self, excess: float) -> None:
-        """The last recovery did not run to its end: take the unused tail off its restore, restart, idle,
-        detection and drain checkpoint, in that order (latest first), in the split and in its record."""
+        """The last recovery did not run to its end: take the unused tail off its restore, restart, wait (for
+        hosts, a human, the backoff), detection and drain checkpoint, in that order (latest first), in the split
+        and in its record."""
         last = self.result.interruptions[-1]
-        parts = {"restore": last.restore_s, "restart": last.restart_s, "idle": last.idle_s,
-                 "detection": last.detection_s, "checkpoint": last.drain_stall_s}
-        for k in parts:
-            cut = min(excess, parts[k])
-            parts[k] -= cut
-            self.split[k] -= cut
+        backoff = last.idle_s - last.waiting_s - last.operator_s
+        parts = [("restore", "restore", last.restore_s), ("restart", "restart", last.restart_s),
+                 ("waiting", "waiting_for_hosts", last.waiting_s), ("operator", "operator", last.operator_s),
+                 ("backoff", "restart", backoff), ("detection", "detection", last.detection_s),
+                 ("checkpoint", "checkpoint", last.drain_stall_s)]
+        left = {}
+        for name, bucket, v in parts:
+            cut = min(excess, v)
+            left[name] = v - cut
+            self.split[bucket] -= cut
             excess -= cut
         self.result.interruptions[-1] = dataclasses.replace(
-            last, restore_s=parts["restore"], restart_s=parts["restart"], idle_s=parts["idle"],
-            detection_s=parts["detection"], drain_stall_s=parts["checkpoint"])
+            last, restore_s=left["restore"], restart_s=left["restart"],
+            idle_s=left["waiting"] + left["operator"] + left["backoff"], waiting_s=left["waiting"],
+            operator_s=left["operator"], detection_s=left["detection"], drain_stall_s=left["checkpoint"])
 
     def _add(self, acc: dict[str, float]) -> None:
         for k, v in acc.items():

@@ -58,6 +58,7 @@ class JobRow(Base):
     message: Mapped[str] = mapped_column(String(2000), default="")
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # the current attempt (a restarted controller goes on)
     config: Mapped[str | None] = mapped_column(Text, nullable=True)  # as submitted, secrets left out
+    accounts: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: marks and split (accounts.py)
 
 
 class InterruptionRow(Base):
@@ -132,6 +133,7 @@ class JobRecord:
     message: str
     attempt: int = 0
     config: str | None = None
+    accounts: str | None = None  # JSON, orchestrator/accounts.py
 
 
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
@@ -330,7 +332,7 @@ def schema_revision(engine: Any) -> str | None:
 
 def _job(r: JobRow) -> JobRecord:
     return JobRecord(r.name, r.state, r.started_at, r.ended_at, r.target_step, r.last_step, r.productive_s,
-                     r.checkpoint_s, r.message, r.attempt or 0, r.config)
+                     r.checkpoint_s, r.message, r.attempt or 0, r.config, r.accounts)
 
 
 def _interruption(r: InterruptionRow) -> Interruption:

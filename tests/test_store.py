@@ -85,11 +85,16 @@ def test_a_database_from_before_migrations_is_upgraded_in_place(url):
     s = Store(url)
     drop_everything(s)
     s = Store(old_database(url))
-    assert schema_revision(s.engine) == "0004"
+    assert schema_revision(s.engine) == "0005"
     job = s.job("llama3-demo")
     assert (job.state, job.last_step, job.attempt) == ("finished", 60, 2)
     (it,) = s.interruptions("llama3-demo")
     assert it.verdict.cause == RootCause.FAULTY_GPU and it.lost_work_s == 1.5
+    # a job recorded before the time accounts: its split from what was kept, the rest unexplained
+    from orchestrator.report import summarize
+
+    split = summarize(s, "llama3-demo").split
+    assert job.accounts is None and split["lost_work"] == 1.5 and split["unexplained"] > 0
     # the duplicate event an old controller wrote twice is gone, the history is otherwise whole
     assert [(e.state, e.since) for e in s.host_events("host-2")] == [(HostState.HEALTHY, 1.0),
                                                                      (HostState.QUARANTINED, 3.0)]

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from herdsman.events import TIME_SPLIT
 from orchestrator.api import ApiServer, create_app
 from tests.conftest import artifacts_dir
 
@@ -33,7 +34,8 @@ class Ops:
     def status(self):
         return {"job": "llama3", "state": "running", "reason": "", "attempt": 1, "step": self.step, "target_step": 40, "loss": 2.5,
                 "ettr": 0.81, "step_time_s": 0.12, "since_checkpoint_s": 3.0, "hosts": self.hosts,
-                "verdicts": [], "decisions": []}
+                "verdicts": [], "decisions": [],
+                "split": {"productive": 40.5, "checkpoint": 1.0, "startup": 5.0, "lost_work": 1.2, "unexplained": 0.3}}
 
     def hosts_view(self):
         return [{"host": h, "state": s, "since": time.time() - 5, "reason": "faulty_gpu: Xid 79" if s ==
@@ -179,5 +181,6 @@ def test_controller_metrics_share_the_vocabulary_of_the_page():
                                                      ("planned", "false")))] == 1
     assert samples[("herdsman_host_state", (("host", "host-2"), ("state", "quarantined")))] == 1
     assert samples[("herdsman_host_state", (("host", "host-2"), ("state", "healthy")))] == 0
-    lost = [v for (n, l), v in samples.items() if n == "herdsman_job_time_seconds_total" and ("kind", "lost_work") in l]
-    assert lost == [1.2]
+    split = {dict(l)["kind"]: v for (n, l), v in samples.items() if n == "herdsman_job_time_seconds_total"}
+    assert set(split) == set(TIME_SPLIT)  # every bucket, the ones with nothing in them at 0
+    assert (split["lost_work"], split["unexplained"], split["restart"]) == (1.2, 0.3, 0.0)

@@ -142,6 +142,8 @@ def train(config: HerdsmanConfig) -> int:
     exit_with_parent()
     env = init_distributed(cfg)
     stats = StatsWriter(_env_path(layout.ENV_STATS_DIR), env.rank, env.host, env.attempt, gpu=env.local_rank)
+    # when this process was up with its imports done (the time accounts start its rendezvous here)
+    stats.event(TrainerPhase.STARTED, message=f"pid {os.getpid()}", duration_s=0.0, at=t_start)
     stats.event(TrainerPhase.RENDEZVOUS, duration_s=time.time() - t_start)
     control_dir, fr_dir = _env_path(layout.ENV_CONTROL_DIR), _env_path(layout.ENV_FR_DIR)
     sim_clocks = SimulatedClock(_env_path(layout.ENV_SIM_CLOCKS), env.local_rank)
@@ -166,14 +168,16 @@ def train(config: HerdsmanConfig) -> int:
                                   f"{config.checkpoint_dir} is usable (see above); refusing to train from scratch")
         if info is None and os.environ.get(layout.ENV_RESUME) == layout.RESUME_REQUIRED:
             raise CheckpointError(f"no usable checkpoint in {config.checkpoint_dir}; refusing to train from scratch")
-        source = "fresh start"
+        source, restore_s = "fresh start", 0.0
         if info is not None:
             t_restore = time.perf_counter()
             state, tier = ckpt.restore(info, model, optim)
             step = int(state["step"])
             loader.load_state_dict(state["loader"])
-            source = f"{info.path} ({tier}, {time.perf_counter() - t_restore:.3f} s)"
-        stats.event(TrainerPhase.RESTORED, step=step, duration_s=time.time() - t0, message=source)
+            restore_s = time.perf_counter() - t_restore
+            source = f"{info.path} ({tier}, {restore_s:.3f} s)"
+        # the load alone; the model build before it is the time since rendezvous
+        stats.event(TrainerPhase.RESTORED, step=step, duration_s=restore_s, message=source)
         _log(env, f"attempt {env.attempt}: {'resumed from ' + source if info else 'fresh start'} at step {step}")
         if env.rank == 0:
             _log(env, interval.suggestion(config.checkpoint_dir, env.world_size, env.attempt, cfg.checkpoint_every,
@@ -182,6 +186,7 @@ def train(config: HerdsmanConfig) -> int:
         guard = ParamGuard(env.rank, env.world_size, cfg.sdc_check_every)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
         last_save = time.monotonic()
+        final_wait_s = 0.0  # waiting for the last saves to land (after the last step): a checkpoint stall
         while step < cfg.steps:
             injected = faults.check(control_dir, env.rank, step + 1)
             t0 = time.perf_counter()
@@ -190,6 +195,7 @@ def train(config: HerdsmanConfig) -> int:
                 g["lr"] = lr_at(step, cfg)
             b = loader.next_batch()
             tokens, doc_ids, targets = (x.to(env.device) for x in (b.tokens, b.doc_ids, b.targets))
+            data_s = time.perf_counter() - t0
             with autocast:
                 logits = model(tokens, doc_ids)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -216,23 +222,28 @@ def train(config: HerdsmanConfig) -> int:
             if bad:
                 _sdc_stop(env, ckpt, guard, bad, step)
             step_s = time.perf_counter() - t0
-            stats.step(step, step_s, tokens.numel(), reduced[0].item() / env.world_size, compute_s)
+            stats.step(step, step_s, tokens.numel(), reduced[0].item() / env.world_size, compute_s, data_s)
             _saves_done(env, ckpt.poll, stats, config, step_s)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or reduced[1].item() > 0:
                 state = {"step": step, "loader": loader.state_dict()}
                 _saves_done(env, lambda: ckpt.save(step, model, optim, state), stats, config, step_s, step)
                 last_save = time.monotonic()
                 if step == cfg.steps or reduced[2].item() > 0:
+                    t_wait = time.perf_counter()
                     _saves_done(env, ckpt.wait, stats, config, step_s)  # the last save must land
+                    final_wait_s += time.perf_counter() - t_wait
             if reduced[2].item() > 0:  # drained: the work is in the checkpoint just taken
                 _log(env, f"stopping after the requested checkpoint at step {step}")
                 break
+        t_wait = time.perf_counter()
         _saves_done(env, ckpt.wait, stats, config, None)
         ckpt.close()
+        final_wait_s += time.perf_counter() - t_wait
         if memory is not None and step >= cfg.steps:  # finished (not drained): nothing will restore from RAM
             dist.barrier()
             memory.clear()
-        stats.event(TrainerPhase.FINISHED, step=step, message="" if step >= cfg.steps else "drained")
+        stats.event(TrainerPhase.FINISHED, step=step, message="" if step >= cfg.steps else "drained",
+                    duration_s=final_wait_s)
         watcher.stop()
         dist.destroy_process_group()
         return 0
