@@ -173,6 +173,11 @@ class ControllerConfig:
     """How long a drain waits for the fresh checkpoint before taking the host out anyway."""
     hang_timeout_s: float = _f(120.0, gt=0)
     """No completed step for this long while every rank is alive is a hang: dumps are taken, the group restarted."""
+    hang_factor: float = _f(10.0, ge=1)
+    """Sooner, once the attempt has steady steps: no step for hang_factor x the longest of its last 50 step
+    intervals (checkpoint stalls included) ..."""
+    hang_floor_s: float = _f(10.0, gt=0)
+    """... but never under this (the NCCL watchdog's default is 600 s; a stuck collective is found in seconds)."""
     startup_timeout_s: float = _f(120.0, gt=0)
     """An attempt whose first step has not completed after this long is hung (start, rendezvous, restore)."""
     dump_wait_s: float = 3.0
@@ -186,6 +191,9 @@ class ControllerConfig:
     """How long a relay gathers frames before forwarding them (fatal evidence is forwarded at once)."""
     warm_standby: bool = True
     """Keep one pre-imported trainer process per rank ready, so a restart skips the ~2 s torch import."""
+    warm_spares: int = _f(1, ge=0)
+    """Spare hosts kept warm once the job trains: rank actors with a pre-imported standby trainer each, so a restart
+    that evicts a host onto a spare costs what a same-host restart costs (0: spares start cold)."""
 
     def __post_init__(self) -> None:
         _validate(self, "controller")

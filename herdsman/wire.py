@@ -77,7 +77,7 @@ def encode(r: AgentReport, samples: bool = True, ranks: Iterable[int] | None = (
 
 def urgent(r: AgentReport) -> bool:
     """A report a relay must forward at once rather than with its next batch: it may end an attempt."""
-    return any(e.severity == Severity.CRITICAL for e in r.evidence) or any(
+    return any(e.severity == Severity.CRITICAL or e.kind == EvidenceKind.TRAINER_EXCEPTION for e in r.evidence) or any(
         e.phase in (TrainerPhase.FAILED, TrainerPhase.FINISHED) for e in r.trainer_events)
 
 

@@ -32,7 +32,7 @@ from herdsman.events import (
 )
 from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
-from orchestrator.diagnose import Failure, diagnose, hardware_cause
+from orchestrator.diagnose import Failure, diagnose, drain_verdict, hardware_cause
 from orchestrator.fleet import Fleet, Group, RayFleet
 from orchestrator.accounts import account
 from orchestrator.hangs import flight_recorder_evidence
@@ -98,6 +98,7 @@ class Controller(Intake, Operations):
         self._persisted_at = 0.0
         self._requests: list[tuple[str, str]] = []  # operator requests for the loop: (restart | stop, reason)
         self._unplaced_since: float | None = None  # the attempt could not be placed since (waiting for hosts)
+        self._warmed_for = -1  # the attempt whose spares were warmed
         self._api = None
         self.api_url = ""
         self.recovered = recover(self.store, config.job, self.run_dir)
@@ -272,7 +273,9 @@ class Controller(Intake, Operations):
                 self._persist_hosts()
             self._decide(f"{', '.join(silent)} unreachable: restarting without {'it' if len(silent) == 1 else 'them'}")
             return Failing(state.group, now)
-        drain = self._drain_verdict(state)
+        self._warm_spares(state)
+        with self.lock:
+            drain = drain_verdict(self.evidence, state.group.hosts, state.started_at)
         if drain is not None:
             self._decide(f"drain {list(drain.hosts)} after a fresh checkpoint: {drain.reason}")
             state.group.request_checkpoint(then_exit=True)
@@ -281,37 +284,42 @@ class Controller(Intake, Operations):
         with self.lock:
             stepped = self.ledger.stepped()
             progress = max(state.started_at, self.ledger.last_progress())
+            # a save follows every checkpoint_every-th step of the embedded trainer: that wait includes its stall
+            every = 0 if self.cfg.trainer.entrypoint else self.cfg.trainer.checkpoint_every
+            pace = self.ledger.longest_interval(every, every > 0 and self.ledger.step_now % every == 0)
         c, now = self.cfg.controller, self.clock()
-        if now - progress > (c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)):
+        limit = c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)
+        if pace is not None:  # steady steps: a hang is a stop far beyond the attempt's own pace
+            limit = min(limit, max(c.hang_floor_s, c.hang_factor * pace))
+        if now - progress > limit:
             self._decide(f"no step completed for {now - progress:.0f} s with every rank alive: a hang")
             return Failing(state.group, progress, hang=True)
         return state
+
+    def _warm_spares(self, state: Running) -> None:
+        """Once the attempt trains, the spares next in line get warm rank actors (RayFleet.warm): an eviction then
+        restarts as fast as a same-host restart. Not while it starts: the standbys would compete with it."""
+        if self._warmed_for == self.attempt or not self.ledger.stepped():
+            return
+        self._warmed_for = self.attempt
+        with self.lock:
+            spares = [h for h in self.pool.usable() if self.pool.state(h) == HostState.SPARE and h in self.nodes]
+        spares = spares[:self.cfg.controller.warm_spares]
+        self.fleet.warm([(h, self.nodes[h]) for h in spares], list(state.group.hosts))
+        if spares:
+            self._decide(f"warming spare(s) {', '.join(spares)} for a fast eviction")
 
     def _failure_time(self, status: Any, state: Running) -> float | None:
         times = [r.ended_at or self.clock() for r in status.failed]
         if status.unreachable:
             times.append(self.clock())
-        with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet
+        with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet, and
+            # so does a rank's own report that it failed (it may still be waiting for a save in flight to land)
             times += [e.time for e in self.evidence
-                      if e.time >= state.started_at and e.host in state.group.hosts
-                      and e.severity == Severity.CRITICAL and hardware_cause(e) is not None]
+                      if e.time >= state.started_at and e.host in state.group.hosts and (
+                          (e.severity == Severity.CRITICAL and hardware_cause(e) is not None)
+                          or (e.kind == EvidenceKind.TRAINER_EXCEPTION and e.attrs.get("attempt") == self.attempt))]
         return min(times) if times else None
-
-    def _drain_verdict(self, state: Running) -> Verdict | None:
-        """Planned maintenance or a thermally straggling GPU on a host of the job: drain it (DRAIN action)."""
-        with self.lock:
-            found = [e for e in self.evidence if e.time >= state.started_at and e.host in state.group.hosts and (
-                e.kind == EvidenceKind.MAINTENANCE
-                or (e.kind == EvidenceKind.STRAGGLER and e.attrs.get("reason") == "thermal"))]
-        if not found:
-            return None
-        maint = [e for e in found if e.kind == EvidenceKind.MAINTENANCE]
-        cause = RootCause.HOST_MAINTENANCE if maint else RootCause.GPU_THERMAL_INTERFACE_SENSOR
-        chosen = maint or found
-        hosts = tuple(dict.fromkeys(e.host for e in chosen))
-        return Verdict(cause, 1.0 if maint else 0.8, hosts, tuple(e.rank for e in chosen if e.rank is not None),
-                       tuple(e.line() for e in chosen)[:4], cause.facts.action,
-                       "planned maintenance" if maint else "a GPU held down by heat is slowing the job")
 
     def _drain(self, state: Draining) -> State:
         status = state.group.poll()

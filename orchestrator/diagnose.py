@@ -280,3 +280,18 @@ def _with_alternatives(v: Verdict, cands: list[_Cand]) -> Verdict:
             seen[c.cause] = f"{c.cause.value} ({c.strength.value}): {c.line()[:200]}"
     from dataclasses import replace
     return replace(v, confidence=round(v.confidence, 3), alternatives=tuple(seen.values())[:5])
+
+
+def drain_verdict(evidence: Sequence[Evidence], hosts: Sequence[str], since: float) -> Verdict | None:
+    """Planned maintenance or a thermally straggling GPU on a host of the job since `since`: a DRAIN verdict (the
+    hosts leave after a fresh checkpoint), or None."""
+    found = [e for e in evidence if e.time >= since and e.host in hosts and (
+        e.kind == EvidenceKind.MAINTENANCE or (e.kind == EvidenceKind.STRAGGLER and e.attrs.get("reason") == "thermal"))]
+    if not found:
+        return None
+    maint = [e for e in found if e.kind == EvidenceKind.MAINTENANCE]
+    cause = RootCause.HOST_MAINTENANCE if maint else RootCause.GPU_THERMAL_INTERFACE_SENSOR
+    chosen = maint or found
+    return Verdict(cause, 1.0 if maint else 0.8, tuple(dict.fromkeys(e.host for e in chosen)),
+                   tuple(e.rank for e in chosen if e.rank is not None), tuple(e.line() for e in chosen)[:4],
+                   cause.facts.action, "planned maintenance" if maint else "a GPU held down by heat is slowing the job")

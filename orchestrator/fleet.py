@@ -47,17 +47,6 @@ class Fleet(Protocol):
     def discover(self) -> dict[str, str]:
         """Host name -> node id of every Herdsman host alive now."""
     def ensure_agents(self, nodes: dict[str, str], job: str, decide: Callable[[str], None]) -> None: ...
-    def _ensure_relays(self, hosts: list[str], job: str) -> dict[str, str]:
-        """Report relays for a fleet larger than one relay's fanout (orchestrator/relay.py); each host's route."""
-        from orchestrator.relay import assign, relay_actor
-
-        c = self.cfg.controller
-        routes = assign(hosts, job, c.relay_fanout)
-        for name in sorted(set(routes.values()) - {""} - set(self.relays)):
-            self.relays[name] = relay_actor().options(name=name, namespace=RAY_NAMESPACE, get_if_exists=True,
-                                                      max_restarts=-1).remote(job, c.relay_flush_s)
-        return routes
-
     def gather(self, hosts: list[str], decide: Callable[[str], None]) -> list[AgentReport]: ...
     def flight_recorder(self, hosts: list[str], attempt: int,
                         decide: Callable[[str], None]) -> tuple[list[Any], list[str], list[str]]:
@@ -65,6 +54,9 @@ class Fleet(Protocol):
     def has_agent(self, host: str) -> bool: ...
     def health_check(self, host: str) -> list[str]: ...
     def inject(self, host: str, fault: str, gpu: int = 0, **args: Any) -> str: ...
+    def warm(self, spares: list[tuple[str, str]], in_job: list[str]) -> None:
+        """Keep rank actors with warm standbys on these spare hosts (host, node id); let go of hosts warmed
+        before that are neither among them nor in the job."""
     def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
         """The ranks of one attempt on `placement` (host, node id), not started yet."""
     def close(self) -> None: ...
@@ -78,6 +70,7 @@ class RayFleet:
         self.agents: dict[str, Any] = {}
         self.rank_actors: dict[tuple[str, int], Any] = {}  # reused across attempts on the same hosts
         self.relays: dict[str, Any] = {}  # report relays, owned by this controller: they end with it
+        self.warmed: set[str] = set()  # spare hosts with warm rank actors (warm())
 
     def discover(self) -> dict[str, str]:
         from orchestrator.cluster import discover_hosts
@@ -163,6 +156,25 @@ class RayFleet:
         import ray
 
         return ray.get(self.agents[host].inject.remote(fault, gpu, **args), timeout=10)
+
+    def warm(self, spares: list[tuple[str, str]], in_job: list[str]) -> None:
+        from orchestrator.workers import RankActor, close_actor
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        t = self.cfg.trainer
+        if t.entrypoint or not self.cfg.controller.warm_standby:
+            return  # a standby imports the embedded trainer: of no use to a trainer of your own
+        wanted = {h for h, _ in spares}
+        for host in self.warmed - wanted - set(in_job):
+            for key in [k for k in self.rank_actors if k[0] == host]:
+                close_actor(self.rank_actors.pop(key))
+        for host, node_id in spares:
+            for slot in range(t.ranks_per_host):
+                if (host, slot) not in self.rank_actors:  # the same actors WorkerGroup reuses by (host, slot)
+                    self.rank_actors[(host, slot)] = RankActor.options(
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+                        host, self.cwd, True)
+        self.warmed = wanted
 
     def start_group(self, placement: list[tuple[str, str]], attempt: int, env: dict[str, str]) -> Group:
         from orchestrator.workers import WorkerGroup

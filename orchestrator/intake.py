@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from herdsman import wire
-from herdsman.events import AgentReport, Severity, TrainerPhase
+from herdsman.events import AgentReport, TrainerPhase
 from orchestrator.diagnose import precursor
 
 log = logging.getLogger("herdsman.controller")
@@ -29,8 +29,6 @@ class Intake:
                 except Exception:  # one report the fold cannot take must not cost the rest of the batch
                     self.frames_refused += 1
                     log.exception("report from %r refused", r.heartbeat.host)
-        if any(wire.urgent(r) for r in reports):
-            self._wake.set()  # the loop looks now, not at its next poll
         return len(reports)
 
     def report_batch(self, reports: list[AgentReport]) -> None:
@@ -66,5 +64,5 @@ class Intake:
             done = self.ledger.event(ev)
             if done is not None:
                 self.records.record_interruption(done)
-        if any(e.severity == Severity.CRITICAL for e in r.evidence):
+        if wire.urgent(r):  # it may end the attempt: the loop looks now
             self._wake.set()

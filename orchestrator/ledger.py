@@ -10,6 +10,7 @@ report streams, so both arrive at the same numbers.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +29,7 @@ from herdsman.events import (
 # the controller's marks per attempt: when it began scheduling, seconds it waited for hosts (no placement), when its
 # processes were launched, and when the job ended (under the attempt that was running)
 MARKS = ("scheduled", "waited", "launched", "ended")
+STEADY_STEPS = 50  # the step intervals an attempt's pace is judged on (hang detection)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class JobLedger:
     rendezvous: dict[int, float] = field(default_factory=dict)  # attempt -> process group formed
     restored: dict[int, tuple[float, float]] = field(default_factory=dict)  # attempt -> (time, load seconds)
     finished: dict[int, tuple[float, float]] = field(default_factory=dict)  # attempt -> (time, last-save wait)
+    recent_ends: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)  # attempt -> (step, end) latest
     # ... and the controller's (kept in the store: rank 0's are read back from its streams)
     marks: dict[str, dict[int, float]] = field(default_factory=lambda: {k: {} for k in MARKS})
 
@@ -69,6 +72,9 @@ class JobLedger:
             self.redone_s += st.step_time_s
         began = st.time - st.step_time_s
         self.first_step_start[st.attempt] = min(self.first_step_start.get(st.attempt, began), began)
+        ends = self.recent_ends.setdefault(st.attempt, deque(maxlen=STEADY_STEPS + 1))
+        if not ends or st.step > ends[-1][0]:
+            ends.append((st.step, st.time))
         self.last_step[st.attempt] = max(self.last_step.get(st.attempt, 0), st.step)
         self.last_step_at[st.attempt] = max(self.last_step_at.get(st.attempt, 0.0), st.time)
         self.last_loss = st.loss
@@ -167,6 +173,18 @@ class JobLedger:
     def productive_s(self) -> float:
         """Kept step time: each step once, in the attempt that kept it."""
         return sum(t for _, t in self.step_time.values())
+
+    def longest_interval(self, every: int = 0, saving: bool = False) -> float | None:
+        """The longest time between two consecutive steps among the current attempt's last STEADY_STEPS. With
+        `every` (the checkpoint interval in steps), only the intervals like the one now running: after a save step
+        when `saving`, else after the others. None until there are enough: the first steps are no measure."""
+        ends = list(self.recent_ends.get(self.attempt, ()))
+        gaps = [(b - a, s0) for (s0, a), (s1, b) in zip(ends, ends[1:]) if s1 == s0 + 1]
+        if every > 0:
+            gaps = [(g, s0) for g, s0 in gaps if (s0 % every == 0) == saving]
+        if len(gaps) < (2 if saving else STEADY_STEPS // 5):
+            return None
+        return max(g for g, _ in gaps)
 
     def progressed(self, attempt: int | None = None) -> bool:
         """The attempt committed work that survives it: a checkpoint past the step it started from (the

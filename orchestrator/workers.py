@@ -291,7 +291,10 @@ class WorkerGroup:
             except Exception:  # a dead host: its processes died with it
                 pass
         for key in [k for k in self.pool if k[0] in self.hosts and k[0] not in keep_hosts]:
-            close_actor(self.pool.pop(key))
+            if keep_hosts:  # a restart: an evicted host's actors need not be gone before the next attempt starts
+                threading.Thread(target=close_actor, args=(self.pool.pop(key),), daemon=True).start()
+            else:
+                close_actor(self.pool.pop(key))
         self.actors = []
 
 

@@ -101,7 +101,7 @@ class FakeGroup:
 class FakeFleet:
     def __init__(self, clock, hosts=HOSTS):
         self.clock, self.hosts = clock, {h: f"node-{h}" for h in hosts}
-        self.groups, self.problems, self.injected = [], {}, []
+        self.groups, self.problems, self.injected, self.warmed = [], {}, [], []
 
     def discover(self):
         return dict(self.hosts)
@@ -124,6 +124,9 @@ class FakeFleet:
     def inject(self, host, fault, gpu=0, **args):
         self.injected.append((host, fault))
         return f"{host}: {fault}"
+
+    def warm(self, spares, in_job):
+        self.warmed.append(([h for h, _ in spares], list(in_job)))
 
     def start_group(self, placement, attempt, env):
         g = FakeGroup(placement, attempt, self.clock)
@@ -194,8 +197,11 @@ def test_schedules_on_the_workers_keeps_a_spare_and_finishes(make):
 
 def test_fatal_xid_fails_the_job_evicts_the_host_and_restarts_on_the_spare(make):
     ctrl, fleet, clock = running(make)
+    assert not ctrl.tick() and fleet.warmed == []  # no spare is warmed while the attempt starts
     step(ctrl, clock, 7)
     event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 5)
+    assert not ctrl.tick() and not ctrl.tick()  # it trains: the spare next in line is warmed, once
+    assert fleet.warmed == [(["host-4"], ["host-1", "host-2", "host-3"])]
     clock.advance(1)
     xid = Evidence("host-2", EvidenceKind.GPU_XID, clock(), "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus",
                    Severity.CRITICAL, gpu=0, code=79)
@@ -284,6 +290,34 @@ def test_a_hang_is_a_failure_once_no_step_completes_for_the_timeout(make):
     assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
     assert ctrl.tick() and isinstance(ctrl.state, BackingOff)
     assert ctrl.verdicts[-1].cause in (RootCause.NCCL_WATCHDOG_TIMEOUT, RootCause.UNKNOWN)
+
+
+def test_a_hang_is_found_sooner_once_the_attempt_has_a_steady_pace(make):
+    ctrl, fleet, clock = running(make)
+    for n in range(1, 32):  # 0.5 s steps; after every 5th a checkpoint stall (2 s)
+        clock.advance(2.5 if (n - 1) % 5 == 0 and n > 1 else 0.5)
+        step(ctrl, clock, n)
+    assert ctrl.ledger.longest_interval() == 2.5 and ctrl.ledger.longest_interval(5) == 0.5
+    assert ctrl.ledger.longest_interval(5, saving=True) == 2.5
+    clock.advance(9)  # after step 31 (no save follows): hang_floor_s (10 s) is the limit, not 10 x 2.5 s
+    heartbeat_all(ctrl, clock)
+    assert not ctrl.tick()
+    clock.advance(1.5)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+
+
+def test_a_save_after_the_last_step_is_given_its_usual_stall_times_the_hang_factor(make):
+    ctrl, fleet, clock = running(make)
+    for n in range(1, 31):  # the last step (30) is a save step: its stall is part of the wait
+        clock.advance(2.5 if (n - 1) % 5 == 0 and n > 1 else 0.5)
+        step(ctrl, clock, n)
+    clock.advance(24)
+    heartbeat_all(ctrl, clock)
+    assert not ctrl.tick()  # under 10 x 2.5 s
+    clock.advance(2)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
 
 
 def test_planned_maintenance_drains_after_a_fresh_checkpoint(make):

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from herdsman.config import load_config
-from herdsman.layout import stats_dir
+from herdsman.layout import rank_log, stats_dir
 from herdsman.events import HostState
 from herdsman.taxonomy import RootCause
 from orchestrator.cluster import LocalCluster, connect
@@ -68,6 +68,12 @@ def test_xid79_evicts_the_host_and_resumes_from_the_latest_checkpoint(cluster, t
         assert st["intake"] == {"relays": ["herdsman-relay-xid79-0", "herdsman-relay-xid79-1"], "frames_refused": 0}
         split = accounted(st)
         assert split["detection"] > 0 and split["restart"] > 0 and split["restore"] > 0 and split["startup"] > 0
+        # the spare was warmed while attempt 0 trained: its rank started from a standby, not cold
+        first = next(d for d in st["decisions"] if "attempt 0: starting" in d)
+        (spare,) = [h for h in st["placement"] if h not in first]
+        assert any(f"warming spare(s) {spare}" in d for d in st["decisions"]), st["decisions"]
+        log = rank_log(tmp_path / "run", spare, "xid79", st["placement"].index(spare), 1).read_text()
+        assert "warm start from standby" in log, log[-2000:]
         # the operator page, from the real controller in a real browser, shows the evicted host
         with chromium_page() as page:
             page.goto(st["api_url"] + "/")
