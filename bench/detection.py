@@ -1,7 +1,7 @@
 """Detection latency: from an injected fault to the controller's verdict, per fault kind, on a real job.
 
 A local 4-host Ray cluster (3 hosts in the job, 1 spare), the embedded trainer on gloo, the real agents and
-controller. For each kind, `--trials` faults, one per attempt, each after the job has trained `--settle-s`:
+controller. For each kind, `--trials` faults, one per attempt, each after the attempt has trained `--steps`:
 
 - xid79: a fatal Xid 79 on rank 1's GPU (the host is evicted, then repaired and returned as the next spare);
 - exception: a Python exception in rank 1;
@@ -47,7 +47,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--kinds", default="xid79,exception,kill,hang")
-    p.add_argument("--settle-s", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=40, help="steps each attempt trains before its fault")
+    p.add_argument("--settle-s", type=float, default=1.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "detection.json"))
     a = p.parse_args()
     kinds = a.kinds.split(",")
@@ -64,8 +65,9 @@ def main() -> None:
             attempt = 0
             for trial in range(a.trials):
                 for kind in kinds:
-                    st = wait_until(ctrl, lambda s: s["attempt"] == attempt and s["state"] == "running"
-                                    and s["step"] > 0, 300)
+                    st = wait_until(ctrl, lambda s: s["attempt"] == attempt and s["state"] == "running", 300)
+                    # mid-run, as real faults are: the attempt has a steady pace (its first steps warm up)
+                    wait_until(ctrl, lambda s: s["step"] >= st["step"] + a.steps, 300)
                     time.sleep(a.settle_s)
                     st = ray.get(ctrl.status.remote())
                     victim = st["placement"][1]

@@ -26,6 +26,7 @@ from herdsman.events import (
     EvidenceKind,
     Heartbeat,
     HostState,
+    RankFailure,
     Reason,
     Severity,
     Verdict,
@@ -286,7 +287,8 @@ class Controller(Intake, Operations):
             progress = max(state.started_at, self.ledger.last_progress())
             # a save follows every checkpoint_every-th step of the embedded trainer: that wait includes its stall
             every = 0 if self.cfg.trainer.entrypoint else self.cfg.trainer.checkpoint_every
-            pace = self.ledger.longest_interval(every, every > 0 and self.ledger.step_now % every == 0)
+            last = self.ledger.last_step.get(self.attempt, 0)
+            pace = self.ledger.longest_interval(every, every > 0 and last % every == 0)
         c, now = self.cfg.controller, self.clock()
         limit = c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)
         if pace is not None:  # steady steps: a hang is a stop far beyond the attempt's own pace
@@ -297,8 +299,7 @@ class Controller(Intake, Operations):
         return state
 
     def _warm_spares(self, state: Running) -> None:
-        """Once the attempt trains, the spares next in line get warm rank actors (RayFleet.warm): an eviction then
-        restarts as fast as a same-host restart. Not while it starts: the standbys would compete with it."""
+        """Once the attempt trains (not while it starts), the spares next in line get warm rank actors."""
         if self._warmed_for == self.attempt or not self.ledger.stepped():
             return
         self._warmed_for = self.attempt
@@ -313,8 +314,8 @@ class Controller(Intake, Operations):
         times = [r.ended_at or self.clock() for r in status.failed]
         if status.unreachable:
             times.append(self.clock())
-        with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet, and
-            # so does a rank's own report that it failed (it may still be waiting for a save in flight to land)
+        with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet, as
+            # does a rank's report of its own failure (it may still wait for a save in flight to land)
             times += [e.time for e in self.evidence
                       if e.time >= state.started_at and e.host in state.group.hosts and (
                           (e.severity == Severity.CRITICAL and hardware_cause(e) is not None)
@@ -347,14 +348,19 @@ class Controller(Intake, Operations):
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.
-        stuck = not all_done and (state.hang or bool(status.failed))
-        hang_evidence = flight_recorder_evidence(self.fleet, group, group.request_dumps() if stuck else [], state.hang,
-                                                 self.cfg.controller.dump_wait_s, self._decide)
+        reported = {r.rank for r in self._reported_failed(group)}
+        stuck = not all_done and (state.hang or bool(status.failed) or bool(reported))
+        # a rank that reported its own exception is explained: it is not blamed for not joining a collective
+        asked = [r for r in group.request_dumps() if r not in reported] if stuck else []
+        hang_evidence = flight_recorder_evidence(self.fleet, group, asked, state.hang, self.cfg.controller.dump_wait_s,
+                                                 self._decide)
         for r in self.fleet.gather(group.hosts, self._decide):
             self.report(r)
         status = group.poll()  # ranks that ended while dumps and evidence were gathered say why, too
         now = self.clock()
-        failure = Failure(state.since, tuple(status.failures(now)), tuple(group.hosts))
+        exited = {r.rank for r in status.failed}
+        failure = Failure(state.since, tuple(status.failures(now)) + tuple(
+            r for r in self._reported_failed(group) if r.rank not in exited), tuple(group.hosts))
         window = state.since - self.cfg.controller.evidence_window_s
         with self.lock:
             self.evidence.extend(hang_evidence)
@@ -379,6 +385,13 @@ class Controller(Intake, Operations):
         if response.page:
             return Stopped(response.reason)
         return BackingOff(self.clock() + response.backoff_s)
+
+    def _reported_failed(self, group: Group) -> list[RankFailure]:
+        """Ranks of this attempt that reported their own failure (its traceback) and have not exited yet."""
+        with self.lock:
+            return [RankFailure(e.rank, e.host, e.time, None, e.message) for e in self.evidence
+                    if e.kind == EvidenceKind.TRAINER_EXCEPTION and e.rank is not None and e.host in group.hosts
+                    and e.attrs.get("attempt") == self.attempt]
 
     def _stopping(self, state: Stopping) -> State:
         status = state.group.poll()

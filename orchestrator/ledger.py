@@ -175,16 +175,22 @@ class JobLedger:
         return sum(t for _, t in self.step_time.values())
 
     def longest_interval(self, every: int = 0, saving: bool = False) -> float | None:
-        """The longest time between two consecutive steps among the current attempt's last STEADY_STEPS. With
-        `every` (the checkpoint interval in steps), only the intervals like the one now running: after a save step
-        when `saving`, else after the others. None until there are enough: the first steps are no measure."""
-        ends = list(self.recent_ends.get(self.attempt, ()))
+        """How long the current attempt's steps take at most, from its last STEADY_STEPS (its first few, still
+        warming up, left out): between two consecutive steps, the 90th percentile, or with `every` (the checkpoint
+        interval in steps) only the intervals like the one now running — after a save step when `saving` (their
+        longest: saves are few and vary), else after the others. None until there are enough."""
+        ends = [(s, t) for s, t in self.recent_ends.get(self.attempt, ()) if s > self._first_step(self.attempt) + 5]
         gaps = [(b - a, s0) for (s0, a), (s1, b) in zip(ends, ends[1:]) if s1 == s0 + 1]
         if every > 0:
             gaps = [(g, s0) for g, s0 in gaps if (s0 % every == 0) == saving]
         if len(gaps) < (2 if saving else STEADY_STEPS // 5):
             return None
-        return max(g for g, _ in gaps)
+        xs = sorted(g for g, _ in gaps)
+        return xs[-1] if saving else xs[int(0.9 * (len(xs) - 1))]
+
+    def _first_step(self, attempt: int) -> int:
+        began = self.resumed_at.get(attempt)
+        return began[1] if began is not None else 0
 
     def progressed(self, attempt: int | None = None) -> bool:
         """The attempt committed work that survives it: a checkpoint past the step it started from (the
