@@ -78,7 +78,7 @@ def account(led: JobLedger, now: float, state: str = "") -> dict[str, float]:
         if it is not None:
             # the step in flight when it failed is lost work; a failure before the first step ends its start-up
             split["lost_work" if stepped is not None else bucket] += _gap(
-                max(last, stepped or 0.0), it.failed_at)
+                max(last, stepped or 0.0, led.finished.get(a, (0.0, 0.0))[0]), it.failed_at)
             # from the first sign to the verdict, less what was measured meanwhile (a rank may finish a step or
             # a drain its last saves after the first sign)
             since = max(it.failed_at, stepped or 0.0, led.finished.get(a, (0.0, 0.0))[0])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from herdsman.events import TIME_SPLIT, Interruption, StepStats, TrainerEvent, TrainerPhase, Verdict
+from herdsman.events import TIME_SPLIT, StepStats, TrainerEvent, TrainerPhase, Verdict
 from herdsman.taxonomy import RootCause
 from orchestrator.accounts import account
 from orchestrator.ledger import JobLedger

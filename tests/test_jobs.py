@@ -52,7 +52,9 @@ def test_the_job_carries_on_after_the_head_restarts(tmp_path):
         second.stop()
     assert st["state"] == "finished" and st["step"] == 80, st["decisions"][-15:]
     its = Store(cfg.store_url).interruptions("phoenix-head")
-    assert [i.verdict.cause for i in its] == [RootCause.UNKNOWN] and "controller restarted" in its[0].verdict.evidence[0]
+    # one interruption, no host blamed: recorded by the new controller ("controller restarted"), or by the old one
+    # if it saw its ranks vanish with the cluster before it went itself
+    assert [i.verdict.cause for i in its] == [RootCause.UNKNOWN] and not its[0].verdict.hosts, its
     assert its[0].resumed_step is not None and its[0].resumed_step >= 5 and step_before >= 12
     time.sleep(1)
     assert processes_mentioning(str(run_dir)) == []  # no rank of the first cluster left behind
