@@ -57,8 +57,9 @@ def account(led: JobLedger, now: float, state: str = "") -> dict[str, float]:
         waited = m["waited"].get(a, 0.0)
         split["waiting_for_hosts"] += waited
         it_before = led.interruptions.get(a - 1)
-        if it_before is not None:  # teardown and backoff after the previous attempt's verdict
-            split[bucket] += _gap(it_before.detected_at, scheduled)
+        if it_before is not None:  # teardown and backoff after the previous attempt's verdict (a drain's verdict
+            # comes before its last steps and saves: from whichever was later)
+            split[bucket] += _gap(max(it_before.detected_at, last), scheduled)
         # the attempt's way to its first step, each leg between two measured moments (a missing one is skipped:
         # the leg then runs from the moment before it)
         restored = led.restored.get(a)
@@ -83,7 +84,7 @@ def account(led: JobLedger, now: float, state: str = "") -> dict[str, float]:
             # a drain its last saves after the first sign)
             since = max(it.failed_at, stepped or 0.0, led.finished.get(a, (0.0, 0.0))[0])
             split["detection"] += _gap(since, it.detected_at)
-            last = max(last, it.detected_at)
+            last = max(last, it.detected_at, since)
         elif stepped is not None:
             last = max(last, stepped)
     fin = led.finished.get(led.attempt)

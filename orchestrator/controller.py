@@ -351,9 +351,8 @@ class Controller(Intake, Operations):
         reported = {r.rank for r in self._reported_failed(group)}
         stuck = not all_done and (state.hang or bool(status.failed) or bool(reported))
         # a rank that reported its own exception is explained: it is not blamed for not joining a collective
-        asked = [r for r in group.request_dumps() if r not in reported] if stuck else []
-        hang_evidence = flight_recorder_evidence(self.fleet, group, asked, state.hang, self.cfg.controller.dump_wait_s,
-                                                 self._decide)
+        hang_evidence = flight_recorder_evidence(self.fleet, group, group.request_dumps() if stuck else [], state.hang,
+                                                 self.cfg.controller.dump_wait_s, self._decide, frozenset(reported))
         for r in self.fleet.gather(group.hosts, self._decide):
             self.report(r)
         status = group.poll()  # ranks that ended while dumps and evidence were gathered say why, too

@@ -12,7 +12,8 @@ from orchestrator.fleet import Fleet, Group
 
 
 def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang: bool,
-                             wait_s: float, decide: Callable[[str], None]) -> list[Evidence]:
+                             wait_s: float, decide: Callable[[str], None],
+                             blameless: frozenset[int] = frozenset()) -> list[Evidence]:
     """Collect this attempt's flight-recorder dumps from the agents (after asking live ranks for theirs) and
     turn the analysis into evidence naming the ranks that never joined the stuck collective.
 
@@ -33,7 +34,8 @@ def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang:
         return []
     now = time.time()
     try:
-        out = _lagging_evidence(summaries, refused, group, asked, hang, decide, now)
+        out = [e for e in _lagging_evidence(summaries, refused, group, asked, hang, decide, now)
+               if e.rank not in blameless]  # ranks that reported their own exception: explained
     except Exception as e:  # noqa: BLE001 -- a damaged dump must not break this poll, nor every later one
         decide(f"  flight recorder: analysis failed: {type(e).__name__}")
         out = [Evidence("", EvidenceKind.TRAINER_HANG, now, f"flight-recorder analysis failed: {type(e).__name__}",
