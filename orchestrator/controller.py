@@ -36,7 +36,7 @@ from herdsman.taxonomy import Action, RootCause
 from orchestrator.diagnose import Failure, diagnose, drain_verdict, hardware_cause
 from orchestrator.fleet import Fleet, Group, RayFleet
 from orchestrator.accounts import account
-from orchestrator.hangs import flight_recorder_evidence
+from orchestrator.hangs import flight_recorder_evidence, stalled
 from orchestrator.intake import Intake
 from orchestrator.ledger import JobLedger
 from orchestrator.operations import Operations
@@ -85,6 +85,7 @@ class Controller(Intake, Operations):
         self.evidence: deque[Evidence] = deque(maxlen=20000)
         self.heartbeats: dict[str, Heartbeat] = {}
         self.last_heard: dict[str, float] = {}  # controller clock: immune to host clock skew and queued reports
+        self.seen_at: dict[str, float] = {}  # the host's clock: when its latest report was written (hang checks)
         self.nodes: dict[str, str] = {}
         self.previous: list[str] = []
         self.group: Group | None = None
@@ -282,19 +283,14 @@ class Controller(Intake, Operations):
             state.group.request_checkpoint(then_exit=True)
             now = self.clock()
             return Draining(state.group, drain, now, now + self.cfg.controller.drain_timeout_s)
+        # a save follows every checkpoint_every-th step of the embedded trainer: that wait includes its stall
+        every = 0 if self.cfg.trainer.entrypoint else self.cfg.trainer.checkpoint_every
         with self.lock:
-            stepped = self.ledger.stepped()
-            progress = max(state.started_at, self.ledger.last_progress())
-            # a save follows every checkpoint_every-th step of the embedded trainer: that wait includes its stall
-            every = 0 if self.cfg.trainer.entrypoint else self.cfg.trainer.checkpoint_every
-            last = self.ledger.last_step.get(self.attempt, 0)
-            pace = self.ledger.longest_interval(every, every > 0 and last % every == 0)
-        c, now = self.cfg.controller, self.clock()
-        limit = c.hang_timeout_s if stepped else max(c.hang_timeout_s, c.startup_timeout_s)
-        if pace is not None:  # steady steps: a hang is a stop far beyond the attempt's own pace
-            limit = min(limit, max(c.hang_floor_s, c.hang_factor * pace))
-        if now - progress > limit:
-            self._decide(f"no step completed for {now - progress:.0f} s with every rank alive: a hang")
+            quiet = stalled(self.ledger, self.cfg.controller, every, state.started_at,
+                            self.seen_at.get(state.group.rank_hosts[0], 0.0), self.clock())
+            progress = self.ledger.last_progress() if self.ledger.stepped() else state.started_at
+        if quiet is not None:
+            self._decide(f"no step completed for {quiet:.0f} s with every rank alive: a hang")
             return Failing(state.group, progress, hang=True)
         return state
 
@@ -351,7 +347,9 @@ class Controller(Intake, Operations):
         reported = {r.rank for r in self._reported_failed(group)}
         stuck = not all_done and (state.hang or bool(status.failed) or bool(reported))
         # a rank that reported its own exception is explained: it is not blamed for not joining a collective
-        hang_evidence = flight_recorder_evidence(self.fleet, group, group.request_dumps() if stuck else [], state.hang,
+        # ...nor asked for a dump: it wrote its own as it failed, and may still be on its way out
+        asked = group.request_dumps(frozenset(reported)) if stuck else []
+        hang_evidence = flight_recorder_evidence(self.fleet, group, asked, state.hang,
                                                  self.cfg.controller.dump_wait_s, self._decide, frozenset(reported))
         for r in self.fleet.gather(group.hosts, self._decide):
             self.report(r)

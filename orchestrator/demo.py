@@ -63,10 +63,11 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
             echo(f"* fault 1: Xid 79 on {victim} gpu0 (step {st['step']})")
             ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
 
-            # 2. a software bug in rank 0 a few steps after the restart
-            st = wait_until(ctrl, lambda s: s["attempt"] >= 1 and s["state"] == "running" and s["step"] >= first,
+            # 2. a software bug in rank 0 a few steps after the restart (counted from where the new attempt is:
+            # the first may have stepped on well past the Xid before it was stopped)
+            st = wait_until(ctrl, lambda s: s["attempt"] >= 1 and s["state"] == "running" and s["attempt_step"] > 0,
                             timeout_s, progress)
-            at = st["step"] + cfg.trainer.checkpoint_every + 2
+            at = min(st["attempt_step"] + cfg.trainer.checkpoint_every + 2, cfg.trainer.steps - 1)
             echo(f"* fault 2: a Python exception in rank 0 at step {at}")
             ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "ValueError: shapes (4, 128) and (256,) not aligned",
                                                      at))

@@ -7,8 +7,27 @@ import time
 from collections.abc import Callable
 
 from agents.flight_recorder import analyse as analyse_fr
+from herdsman.config import ControllerConfig
 from herdsman.events import Evidence, EvidenceKind, Severity
 from orchestrator.fleet import Fleet, Group
+from orchestrator.ledger import JobLedger
+
+
+def stalled(ledger: JobLedger, c: ControllerConfig, every: int, started_at: float, seen: float,
+            now: float) -> float | None:
+    """How long the current attempt has gone without a step, when that is a hang; else None.
+
+    Before its first step the controller's clock counts from the launch (a start may take long). After it, the
+    attempt's own pace sets the limit (`hang_factor` x its steady step interval, at least `hang_floor_s`, at most
+    `hang_timeout_s`), and the silence is counted on rank 0's host's clock up to the latest report its agent wrote
+    (`seen`): a report that is late (an agent restarting, a partition, a busy controller) is not a trainer that
+    stopped; an agent that stays silent is the heartbeat check's business."""
+    if not ledger.stepped():
+        return now - started_at if now - started_at > max(c.hang_timeout_s, c.startup_timeout_s) else None
+    pace = ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
+    limit = c.hang_timeout_s if pace is None else min(c.hang_timeout_s, max(c.hang_floor_s, c.hang_factor * pace))
+    quiet = seen - ledger.last_progress()
+    return quiet if quiet > limit else None
 
 
 def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang: bool,

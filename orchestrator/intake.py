@@ -43,6 +43,7 @@ class Intake:
     def _absorb(self, r: AgentReport) -> None:
         hb = r.heartbeat
         self.last_heard[hb.host] = self.clock()  # the controller's clock: immune to host skew and queued reports
+        self.seen_at[hb.host] = max(self.seen_at.get(hb.host, 0.0), hb.time)
         if hb.gpus or hb.host not in self.heartbeats:  # a heartbeat without samples keeps the last readings
             self.heartbeats[hb.host] = hb
         self.evidence.extend(r.evidence)

@@ -32,7 +32,8 @@ class Operations:
                 "state": type(self.state).__name__.lower(),
                 "reason": getattr(self.state, "reason", ""),
                 "attempt": self.ledger.attempt,
-                "step": self.ledger.step_now,
+                "step": self.ledger.step_now,  # the job's: the furthest any attempt got
+                "attempt_step": self.ledger.last_step.get(self.ledger.attempt, 0),  # this attempt's latest (0: none yet)
                 "target_step": self.cfg.trainer.steps,
                 "loss": self.ledger.last_loss,
                 "hosts": {h: st.state.value for h, st in sorted(self.pool.status.items())},

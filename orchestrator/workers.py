@@ -270,11 +270,11 @@ class WorkerGroup:
         """Every rank saves at its next step (they agree on which through their loss all-reduce)."""
         ray.get([a.request_checkpoint.remote(then_exit) for a in self.actors], timeout=10)
 
-    def request_dumps(self) -> list[int]:
-        """Ask every live rank to dump its flight recorder; returns the ranks asked."""
-        refs = [a.request_dump.remote() for a in self.actors]
+    def request_dumps(self, skip: frozenset[int] = frozenset()) -> list[int]:
+        """Ask every live rank but `skip` to dump its flight recorder; returns the ranks asked."""
+        refs = {rank: a.request_dump.remote() for rank, a in enumerate(self.actors) if rank not in skip}
         asked = []
-        for rank, ref in enumerate(refs):
+        for rank, ref in refs.items():
             try:
                 if ray.get(ref, timeout=5):
                     asked.append(rank)

@@ -88,7 +88,7 @@ class FakeGroup:
     def request_checkpoint(self, then_exit=False):
         self.checkpoints.append(then_exit)
 
-    def request_dumps(self):
+    def request_dumps(self, skip=frozenset()):
         return []
 
     def inject(self, rank, fault, message="", at_step=0, sticky=False):
@@ -303,6 +303,27 @@ def test_a_hang_is_found_sooner_once_the_attempt_has_a_steady_pace(make):
     heartbeat_all(ctrl, clock)
     assert not ctrl.tick()
     clock.advance(1.5)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+
+
+def test_rank0s_agent_falling_quiet_is_not_a_hang(make):
+    """Steps reach the controller through rank 0's agent: while it is silent (restarting, partitioned) the trainer
+    may well be stepping, so the silence is not counted; its held-back reports, sent late, carry the steps on."""
+    ctrl, fleet, clock = running(make, heartbeat_timeout_s=30.0)
+    for n in range(1, 32):
+        clock.advance(0.5)
+        step(ctrl, clock, n)
+    clock.advance(15)  # past hang_floor_s, and the other agents still report: rank 0's agent is the one quiet
+    heartbeat_all(ctrl, clock, ["host-2", "host-3", "host-4"])
+    assert not ctrl.tick() and isinstance(ctrl.state, Running)
+    # its backlog arrives: reports written during the silence, the steps in them included
+    late = clock() - 14
+    ctrl.report(AgentReport(Heartbeat("host-1", late, 2), steps=(StepStats(0, "host-1", 0, 32, late, 0.5, 512, 2.0),)))
+    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 3),
+                            steps=(StepStats(0, "host-1", 0, 33, clock(), 0.5, 512, 2.0),)))
+    assert not ctrl.tick() and isinstance(ctrl.state, Running)
+    clock.advance(11)  # now rank 0's agent reports and no step comes: that is a hang
     heartbeat_all(ctrl, clock)
     assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
 

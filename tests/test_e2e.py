@@ -203,10 +203,12 @@ def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
                     "host"] == "host-4"
             assert api.post("/api/hosts/host-4/quarantine", json={"reason": "x"}).status_code == 401
             victim = st["placement"][2]
+            before = ray.get(ctrl.status.remote())
+            assert before["attempt"] == 0 and before["state"] == "running", before["decisions"]  # nothing else ended it
             r = api.post(f"/api/hosts/{victim}/quarantine", json={"reason": "reseat the IB cable"}, headers=auth)
             assert r.status_code == 200
             st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running", 120)
-            assert victim not in st["placement"] and st["hosts"][victim] == "quarantined"
+            assert victim not in st["placement"] and st["hosts"][victim] == "quarantined", st["decisions"]
             r = api.post(f"/api/hosts/{victim}/return", headers=auth)
             assert r.status_code == 200 and r.json()["returned"], r.text
             assert api.get("/api/hosts").json()[[h["host"] for h in api.get("/api/hosts").json()].index(victim)][
@@ -275,7 +277,9 @@ def test_the_controller_survives_its_own_death_mid_campaign(cluster, tmp_path):
     ctrl = launch_controller(cfg)
     try:
         victim = xid79_on_rank1(ctrl, 10)
-        st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running" and s["step"] >= 17, 300)
+        # attempt 0 may have stepped past 17 before it was stopped: attempt 1's own steps are what is awaited
+        st = wait_until(ctrl, lambda s: s["attempt"] == 1 and s["state"] == "running" and s["attempt_step"] >= 17,
+                        300)
         pid_before = st["pid"]
         ray.kill(ctrl, no_restart=False)  # the controller's process dies; Ray starts it again
         st = wait_done(ctrl, 300)
