@@ -36,7 +36,8 @@ from herdsman.events import (
 )
 from agents.gpu import GpuProbe, make_probe
 from agents.gpu_sim import SimulatedGpus
-from agents.drift import DriftFit, DriftTracker, StragglerScore, join
+from agents.drift import THERMAL_TREND, DriftTracker, StragglerScore, ThermalTrend, join
+from agents.drift_fit import DriftFit
 from agents.flight_recorder import RankSummary
 from agents.flight_recorder import collect as fr_collect
 from agents.host import HostMonitor
@@ -215,24 +216,30 @@ class NodeAgent:
                             self.host, pid, attempt, newest)
 
     def _track_drift(self, steps: list[StepStats], samples: list[GpuSample]) -> list[Evidence]:
-        """Join each step with its GPU's reading; evidence when a rank starts straggling."""
+        """Join each step with its GPU's reading, in step order (a step's ranks are judged together); evidence when
+        a rank starts straggling (or its GPU starts showing another reason), and when a GPU's temperature starts
+        rising against its own history while its clocks are still at max (a precursor: context, not a cause)."""
         by_index = {s.index: s for s in samples}
-        for st in steps:
+        for st in sorted(steps, key=lambda st: (st.attempt, st.step, st.rank)):
             self.drift.add(join(st, by_index.get(self._rank_gpu.get(st.rank, -1))))
-        if not steps:
-            return []
         out, now = [], time.time()
-        for sc in self.drift.scores():
-            if sc.straggler and sc.rank not in self._stragglers:
-                out.append(Evidence(self.host, EvidenceKind.STRAGGLER, now,
-                                    f"rank {sc.rank} straggling ({sc.reason}): {sc.relative:.2f}x the fastest ranks, "
-                                    f"{sc.individual:.2f}x its usual, {sc.temperature_c} C, {sc.sm_clock_mhz} MHz",
-                                    Severity.WARNING, gpu=self._rank_gpu.get(sc.rank), rank=sc.rank,
-                                    attrs={"reason": sc.reason, "relative": sc.relative, "individual": sc.individual}))
-            if sc.straggler:
-                self._stragglers.add(sc.rank)
-            else:
-                self._stragglers.discard(sc.rank)
+        for x in self.drift.pop_started():
+            gpu = self._rank_gpu.get(x.rank)
+            if isinstance(x, ThermalTrend):
+                out.append(Evidence(self.host, EvidenceKind.GPU_THERMAL, now, x.line(), Severity.INFO, gpu=gpu,
+                                    rank=x.rank, attrs={"reason": THERMAL_TREND, "strength": "context",
+                                                        "slope_c_per_min": x.slope_c_per_min,
+                                                        "usual_slope_c_per_min": x.usual_slope_c_per_min,
+                                                        "temperature_c": x.temperature_c, "usual_c": x.usual_c}))
+                continue
+            out.append(Evidence(self.host, EvidenceKind.STRAGGLER, now,
+                                f"rank {x.rank} straggling ({x.reason}): {x.relative:.2f}x its peers in the same "
+                                f"steps (usually {x.usual:.2f}x), {x.individual:.2f}x its usual, "
+                                f"{x.temperature_c} C, {x.sm_clock_mhz} MHz",
+                                Severity.WARNING, gpu=gpu, rank=x.rank,
+                                attrs={"reason": x.reason, "relative": x.relative, "individual": x.individual,
+                                       "usual": x.usual, "step": x.step}))
+        self._stragglers = {sc.rank for sc in self.drift.scores() if sc.straggler}
         return out
 
     def _maintenance(self) -> list[Evidence]:

@@ -180,8 +180,8 @@ class AgentCollector(Collector):
             fams["time"].add_metric(lab, st.step_time_s)
             fams["tps"].add_metric(lab, st.tokens_per_s)
         yield from fams.values()
-        score = GaugeMetricFamily("herdsman_rank_straggler_score", "Step time relative to the fastest ranks "
-                                  "(relative) or to the rank's own usual (individual).", labels=rl + ["kind"])
+        score = GaugeMetricFamily("herdsman_rank_straggler_score", "The rank's own work relative to its peers' in "
+                                  "the same steps (relative) or to its own usual (individual).", labels=rl + ["kind"])
         flag = GaugeMetricFamily("herdsman_rank_straggler", "1 while the rank is a straggler, with the reason.",
                                  labels=rl + ["reason"])
         for s in self.agent.straggler_scores():

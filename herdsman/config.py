@@ -77,9 +77,11 @@ class AgentConfig:
     min_disk_free_ratio: float = _f(0.05, ge=0, lt=1)
     """Below this free share of the checkpoint file system the host reports DiskPressure."""
     straggler_relative: float = _f(1.10, gt=1)
-    """A rank whose step time is this many times the fastest ranks' is a straggler."""
+    """Before a rank has a usual pace: a rank whose own work in a step is this many times its peers' in the same
+    step is a straggler (after that, a statistical test against its usual ratio: agents/drift.py)."""
     straggler_individual: float = _f(1.10, gt=1)
-    """A rank whose step time is this many times its own usual is a straggler."""
+    """A rank slower than its own usual by this factor is a straggler even within its noise (with no peers on its
+    node, only when its GPU shows why: held-down clocks, a thermal or power limit)."""
     drift_window: int = _f(2000, ge=1)
     """Samples kept per node for stragglers and the throughput-vs-temperature fit."""
     samples_every_s: float = _f(10.0, ge=0)

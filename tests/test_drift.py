@@ -1,6 +1,7 @@
 import math
 
-from agents.drift import DriftTracker, RankSample, fit_drift, join
+from agents.drift import DriftTracker, RankSample, join
+from agents.drift_fit import fit_drift
 from agents.gpu_sim import MAX_SM_MHZ, SimulatedGpus
 from herdsman.events import StepStats
 
@@ -54,12 +55,13 @@ def test_a_restart_starts_a_fresh_history_and_heat_without_a_held_clock_is_not_t
     scores = {s.rank: s for s in tr.scores()}
     assert set(scores) == {1}
     assert not scores[1].straggler  # too little history yet to call it slow
-    for step in range(3, 12):
+    for step in range(3, 24):  # a peer joins; rank 1 runs hot at (nearly) full clock and falls behind it
         tr.add(RankSample(1, "h", 20 + step, 20 + step, 1.0 if step < 7 else 1.6, 60, 76.0, 1960.0, 1980.0, (),
                           attempt=1))
-    tr.add(RankSample(3, "h", 40, 40, 1.0, 100, 40.0, 1980.0, 1980.0, (), attempt=1))
+        tr.add(RankSample(3, "h", 20 + step, 20 + step, 1.0, 100, 60.0, 1980.0, 1980.0, (), attempt=1))
     sc = {s.rank: s for s in tr.scores()}[1]
     assert sc.straggler and sc.reason == "unknown"  # hot, but the clock is not held down: not thermal
+    assert sc.relative > 1.5
 
 
 def test_diurnal_swing_is_recovered_by_the_fit():

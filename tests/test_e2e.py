@@ -215,6 +215,11 @@ def test_operator_api_quarantines_restarts_returns_and_stops(cluster, tmp_path):
                 "state"] == "spare"
             (it,) = api.get("/api/interruptions").json()
             assert it["planned"] and "reseat the IB cable" in it["verdict"]["reason"]
+            # every rank is healthy (the machine loaded by Prometheus, a restart, a browser): none is a straggler
+            assert api.get("/api/gpus").json()["stragglers"] == []
+            flags = [line for u in st["metrics_urls"].values() for line in httpx.get(u).text.splitlines()
+                     if line.startswith("herdsman_rank_straggler{") and line.endswith(" 1.0")]
+            assert flags == []
             assert api.post("/api/job/stop", json={"reason": "end of test"}, headers=auth).status_code == 200
         st = wait_done(ctrl, 60)
         accounted(st)
