@@ -298,6 +298,11 @@ class NodeAgent:
             self._latest.clear()
             self._rank_gpu.clear()
             self._attempt_pids.clear()
+            # a new job's ranks start at attempt 0: the last job's history (its attempt numbers, its ranks' usual
+            # pace) would drop their steps as late lines or judge them against another job's
+            a = self.config.agent
+            self.drift = DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
+            self._stragglers = set()
 
     # --- what the metrics and the controller read ---------------------------------------------------------
     def latest_steps(self) -> list[StepStats]:

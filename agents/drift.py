@@ -8,8 +8,9 @@ warm-up) by `min_excess` and by `z` standard errors of its usual noise (MAD; wid
 than usual), or by `z_cause` when its GPU shows why; or, until it has a usual, by `relative_threshold` over its
 peers. Slower than its own usual alone (no peers, or all slowed together) counts only with its GPU's cause, over
 `individual_threshold` or `z_cause` errors. A hardware slowdown (hw_thermal, hw_power_brake) holding its clock
-under 90 % of its usual is never a GPU's normal: then any lag behind its usual counts. Slow for `persist` steps in a row flags it; it holds until it falls
-back under half of that for `persist` steps.
+under 90 % of its usual is never a GPU's normal: then any lag behind its usual counts (and, for a rank without
+peers, having no usual yet). Slow for `persist` steps in a row flags it; it holds until it falls back under half
+of that for `persist` steps.
 
 Reasons (Evidence.attrs["reason"] of STRAGGLER evidence): "thermal" (a thermal throttle bit, or hot with its clock
 down), "power" (a power-cap or power-brake bit), "clock" (its clock held below its usual, no bit), "cpu_starved"
@@ -19,8 +20,8 @@ counts only with its clock held down; hw_thermal and hw_power_brake always count
 
 The thermal trend is a precursor: a GPU heating against its own history (and its peers'), its clocks still at max.
 
-`fit_drift` (agents/drift_fit.py) regresses throughput on temperature over time: its slope and the swing it explains show a diurnal
-1-2% variation as what it is, rather than as noise.
+`fit_drift` (agents/drift_fit.py) regresses throughput on temperature over time: its slope and the swing it
+explains show a diurnal 1-2% variation as what it is, rather than as noise.
 """
 
 from __future__ import annotations
@@ -331,8 +332,9 @@ class DriftTracker:
                 slow = self._reason(rk, peers, raw) in GPU_CAUSES
         behind = (dev if u.rel is not None else rel) if enough else raw  # how far behind, for the reason
         # a hardware slowdown holding its clock well down is never a GPU's normal: behind at all is enough (its
-        # work may be mostly off the GPU, as in a CPU test run, and within its noise)
-        if not slow and behind > 0 and self._hard_held(rk):
+        # work may be mostly off the GPU, as in a CPU test run, and within its noise), and so is no usual pace to
+        # be behind of (a GPU that overheats within its attempt's first steps, before it has one)
+        if not slow and (behind > 0 or own is None and not enough) and self._hard_held(rk):
             slow = True
         if slow:
             rk.streak, rk.calm = rk.streak + 1, 0
