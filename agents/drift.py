@@ -379,9 +379,10 @@ class DriftTracker:
         u = self._usual(rk)
         clock, temp, util = med(tail, 0), med(tail, 1), med(tail, 2)
         # its own usual clock, or (less precise) its peers' or the GPU's maximum
-        ref_clock, tol = (u.clock, 0.995) if u.clock else (
-            peer(0) or _median([s.max_sm_clock_mhz for s in tail if s.max_sm_clock_mhz]), 0.98)
+        ref_clock = u.clock or peer(0) or _median([s.max_sm_clock_mhz for s in tail if s.max_sm_clock_mhz])
         held = bool(clock and ref_clock and clock < 0.98 * ref_clock)
+        # a trimmed clock (0.5 %) with its own usual and peers as warm as they usually are; alone, held (2 %)
+        tol = 0.995 if u.clock and peers else 0.98
         before = rk.bits[0] - len(tail)  # its steps before the last ones: did they show the bit as well?
         shown = {}
         for i, reason, bits in ((1, THERMAL, THERMAL_REASONS), (2, POWER, POWER_REASONS)):
@@ -391,7 +392,9 @@ class DriftTracker:
             if hard or shown[reason] and before >= self.recent and (rk.bits[i] - now) * 5 < before:
                 return reason  # a hardware slowdown, or a bit it (almost) never showed before
         # Hot only explains slowness if the clock is actually down (a hot GPU's clock is trimmed before the
-        # throttle holds it; no reason bit on some drivers).
+        # throttle holds it; no reason bit on some drivers). A rank without peers is hot only against its own
+        # history, which may have begun cold: a freshly placed GPU warming from idle to its working temperature
+        # trims its clock ~1 % on the way (the detection bench drained a healthy one for that), so it needs more.
         ref_temp = u.temp if u.temp is not None else peer(1)  # hotter than it usually runs (or than its peers)
         hot = temp is not None and ref_temp is not None and temp >= ref_temp + 8
         if hot and clock and ref_clock and clock < tol * ref_clock:

@@ -65,11 +65,15 @@ def main() -> None:
             attempt = 0
             for trial in range(a.trials):
                 for kind in kinds:
-                    st = wait_until(ctrl, lambda s: s["attempt"] == attempt and s["state"] == "running", 300)
+                    # an interruption nobody injected (a false alarm) moves the attempt on: counted, not awaited
+                    st = wait_until(ctrl, lambda s: s["attempt"] >= attempt and s["state"] == "running", 300)
+                    attempt = st["attempt"]
                     # mid-run, as real faults are: the attempt has a steady pace (its first steps warm up)
                     wait_until(ctrl, lambda s: s["step"] >= st["step"] + a.steps, 300)
                     time.sleep(a.settle_s)
                     st = ray.get(ctrl.status.remote())
+                    if st["attempt"] != attempt or st["state"] != "running":
+                        continue  # interrupted meanwhile (counted below as nobody's): this trial is skipped
                     victim = st["placement"][1]
                     if kind == "xid79":
                         t0 = time.time()
@@ -106,10 +110,12 @@ def main() -> None:
                         "right": right, "latencies_s": lat}
         rows.append([kind, len(lat), f"{_p(lat, 0.5):.2f}", f"{_p(lat, 0.9):.2f}", f"{max(lat):.2f}",
                      f"{right}/{len(lat)}"])
+    unprompted = [f"attempt {att}: {it.verdict.cause.value}" for att, it in sorted(its.items()) if att not in injected]
     print(tabulate(rows, headers=["fault", "trials", "p50 s", "p90 s", "max s", "right verdict"]))
+    print(f"interruptions nobody injected: {len(unprompted)}" + (f" ({'; '.join(unprompted)})" if unprompted else ""))
     print("goals: hang <= 15 s p90 (naming the rank), fatal Xid <= 2 s p90")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"benchmark": "detection", "results": result,
+    Path(a.out).write_text(json.dumps({"benchmark": "detection", "results": result, "unprompted": unprompted,
                                        "mean_restart_cycle_s": statistics.mean(
                                            [it.restart_s or 0.0 for it in its.values()] or [0.0]),
                                        "time": time.time()}, indent=1))

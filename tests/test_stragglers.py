@@ -270,3 +270,18 @@ def test_an_agent_that_follows_a_new_job_judges_its_ranks_afresh(tmp_path):
             assert [(s.rank, s.step) for s in agent.straggler_scores()] == [(rank, 29)], job
     finally:
         agent.stop()
+
+
+def test_a_lone_rank_on_a_gpu_warming_from_idle_while_its_host_is_loaded_is_not_a_thermal_straggler():
+    """A spare placed in the job starts cold: its GPU warms from 40 C to its working 70 C, the clock trimmed ~1 %
+    on the way (no throttle bit), while the host's load slows the rank 20 % (the detection bench drained such a
+    healthy host as thermal). Warmer than its usual and a little slower is not a GPU held down by heat."""
+    tr = DriftTracker()
+    started = []
+    for step in range(1, 200):
+        temp = 40.0 + 30.0 * min(1.0, step / 120)
+        clock = 1980.0 * (1 - max(0.0, temp - 60) * 0.001)
+        compute = 0.2 * (1.2 if step >= 100 else 1.0)
+        tr.add(RankSample(0, "h", step, 1000.0 + step, compute, 4096 / compute, temp, clock, 1980.0, (), 0))
+        started += [(step, x) for x in tr.pop_started()]
+    assert flagged(started) == []
