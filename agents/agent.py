@@ -105,9 +105,7 @@ class NodeAgent:
         self._evidence_counts: Counter[tuple[str, str]] = Counter()
         self._rank_gpu: dict[int, int] = {}
         self._attempt_pids: dict[int, dict[int, float]] = {}  # attempt -> {pid of a rank here: when it reported}
-        a = config.agent
-        self.drift = DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
-        self._stragglers: set[int] = set()
+        self.drift = self._drift_tracker()
         self.maintenance_notice = self.dir / layout.MAINTENANCE_NOTICE  # written by the scheduler's or provider's hook
         self._maintenance_seen = ""
         self._stop = threading.Event()
@@ -215,6 +213,10 @@ class NodeAgent:
                 log.warning("%s: killed rank pid %d left over from attempt %d (attempt %d runs)",
                             self.host, pid, attempt, newest)
 
+    def _drift_tracker(self) -> DriftTracker:
+        a = self.config.agent
+        return DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
+
     def _track_drift(self, steps: list[StepStats], samples: list[GpuSample]) -> list[Evidence]:
         """Join each step with its GPU's reading, in step order (a step's ranks are judged together); evidence when
         a rank starts straggling (or its GPU starts showing another reason), and when a GPU's temperature starts
@@ -239,7 +241,6 @@ class NodeAgent:
                                 Severity.WARNING, gpu=gpu, rank=x.rank,
                                 attrs={"reason": x.reason, "relative": x.relative, "individual": x.individual,
                                        "usual": x.usual, "step": x.step}))
-        self._stragglers = {sc.rank for sc in self.drift.scores() if sc.straggler}
         return out
 
     def _maintenance(self) -> list[Evidence]:
@@ -300,9 +301,7 @@ class NodeAgent:
             self._attempt_pids.clear()
             # a new job's ranks start at attempt 0: the last job's history (its attempt numbers, its ranks' usual
             # pace) would drop their steps as late lines or judge them against another job's
-            a = self.config.agent
-            self.drift = DriftTracker(a.straggler_relative, a.straggler_individual, a.drift_window)
-            self._stragglers = set()
+            self.drift = self._drift_tracker()
 
     # --- what the metrics and the controller read ---------------------------------------------------------
     def latest_steps(self) -> list[StepStats]:
