@@ -17,12 +17,17 @@ def stalled(ledger: JobLedger, c: ControllerConfig, every: int, started_at: floa
             now: float) -> float | None:
     """How long the current attempt has gone without a step, when that is a hang; else None.
 
-    Before its first step the controller's clock counts from the launch (a start may take long). After it, the
+    Before the ranks have loaded, the controller's clock counts from the launch (a start may take long); once
+    rank 0 has restored, its first step has `hang_timeout_s` (a resumed attempt may hang on it). After it, the
     attempt's own pace sets the limit (`hang_factor` x its steady step interval, at least `hang_floor_s`, at most
     `hang_timeout_s`), and the silence is counted on rank 0's host's clock up to the latest report its agent wrote
     (`seen`): a report that is late (an agent restarting, a partition, a busy controller) is not a trainer that
     stopped; an agent that stays silent is the heartbeat check's business."""
     if not ledger.stepped():
+        restored = ledger.restored.get(ledger.attempt)
+        if restored is not None:  # ranks are up and loaded: the first step (often the hung one) has hang_timeout_s
+            quiet = seen - restored[0]  # ... plus rank 0's load time again, for the slowest rank's load
+            return quiet if quiet > c.hang_timeout_s + restored[1] else None
         return now - started_at if now - started_at > max(c.hang_timeout_s, c.startup_timeout_s) else None
     pace = ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
     limit = c.hang_timeout_s if pace is None else min(c.hang_timeout_s, max(c.hang_floor_s, c.hang_factor * pace))

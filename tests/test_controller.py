@@ -307,6 +307,22 @@ def test_a_hang_is_found_sooner_once_the_attempt_has_a_steady_pace(make):
     assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
 
 
+def test_a_resumed_attempt_that_hangs_on_its_first_step_is_found_within_the_hang_timeout(make):
+    """A restart resumes from the step where the last attempt stopped, and its first step may be the one that
+    hangs (the e2e campaign's hang fault): once rank 0 has restored, hang_timeout_s applies, not the startup's."""
+    from herdsman.events import TrainerPhase
+
+    ctrl, fleet, clock = running(make, hang_timeout_s=5.0, startup_timeout_s=60.0)
+    clock.advance(2)
+    event(ctrl, clock, TrainerPhase.RESTORED, 0, 20)  # restored step 20 in 0.1 s
+    clock.advance(5)
+    heartbeat_all(ctrl, clock)
+    assert not ctrl.tick() and isinstance(ctrl.state, Running)  # 5 s: not past hang_timeout_s + the load
+    clock.advance(0.5)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+
+
 def test_rank0s_agent_falling_quiet_is_not_a_hang(make):
     """Steps reach the controller through rank 0's agent: while it is silent (restarting, partitioned) the trainer
     may well be stepping, so the silence is not counted; its held-back reports, sent late, carry the steps on."""

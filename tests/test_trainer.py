@@ -141,3 +141,24 @@ def test_a_save_lost_to_a_full_disk_is_skipped_and_any_other_failure_is_not():
     assert not _storage_failure(CheckpointError("checkpoint save of step 5 failed: RuntimeError: CUDA error"))
     assert not _storage_failure(CheckpointException("save failed", {1: wrapped(ValueError("shapes differ"))}))
     assert not _storage_failure(OSError(errno.EIO, "Input/output error"))  # a failing disk is not a full one
+
+
+def test_a_short_write_on_a_full_disk_is_a_storage_failure_though_its_errno_is_lost(tmp_path, monkeypatch):
+    """torch's zip writer reports a short write on a full tmpfs as "unexpected pos" (seen in the chaos e2e run):
+    it is a storage failure when the file system cannot hold another checkpoint the size of the newest."""
+    import collections
+    import shutil
+
+    from trainer.train import _storage_failure
+
+    newest = tmp_path / "step-00000080"
+    newest.mkdir()
+    (newest / "__0_0.distcp").write_bytes(b"x" * 4096)
+    short = CheckpointError("checkpoint save of step 85 failed: RuntimeError: [enforce fail at "
+                            "inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 20, (1 << 20) - 1000, 1000))
+    assert _storage_failure(short, tmp_path)
+    assert not _storage_failure(short)  # no checkpoint root to look at: only the errno counts
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
+    assert not _storage_failure(short, tmp_path)  # room enough: something else broke the save

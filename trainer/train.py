@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -267,9 +268,29 @@ def train(config: HerdsmanConfig) -> int:
         return 1
 
 
-def _storage_failure(e: BaseException) -> bool:
+def _storage_failure(e: BaseException, root: Path | None = None) -> bool:
     """A save that failed because the checkpoint file system is full, over quota or read-only: the training
-    itself is sound, so it goes on and the next save tries again (the agent reports the disk)."""
+    itself is sound, so it goes on and the next save tries again (the agent reports the disk).
+
+    The errno does not always survive: torch's zip writer turns a short write into "unexpected pos", and the
+    ranks that did not write the failing file see only DCP's summary. So a save that failed while the file
+    system under `root` cannot hold another checkpoint the size of the newest one is a storage failure too."""
+    if _errno_of_storage(e):
+        return True
+    return root is not None and _no_room_for_a_checkpoint(root)
+
+
+def _no_room_for_a_checkpoint(root: Path) -> bool:
+    try:
+        free = shutil.disk_usage(root).free
+        newest = committed(root)
+        need = sum(f.stat().st_size for f in newest[0].iterdir() if f.is_file()) if newest else 1 << 20
+    except (OSError, CheckpointError):
+        return False
+    return free < need
+
+
+def _errno_of_storage(e: BaseException) -> bool:
     seen: set[int] = set()
     stack: list[object] = [e]
     while stack:
@@ -297,7 +318,7 @@ def _saves_done(env: DistEnv, call: Callable[[], Any], stats: StatsWriter, confi
     try:
         done = call()  # poll/wait: the saves that finished; save: its blocked time (nothing finished)
     except (CheckpointError, OSError) as e:
-        if not _storage_failure(e):
+        if not _storage_failure(e, Path(config.checkpoint_dir)):
             raise
         msg = f"checkpoint{f' of step {step}' if step else ''} failed, skipped (training goes on): " + \
               str(e).splitlines()[0][:500]
