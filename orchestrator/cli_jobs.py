@@ -49,6 +49,10 @@ def attach_job(ctrl: Any, echo: Callable[[str], None], timeout_s: float) -> dict
         raise SystemExit(0) from None
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def summary_line(st: dict[str, Any]) -> str:
     ettr = "-" if st.get("ettr") is None else f"{100 * st['ettr']:.1f}%"
     verdict = st["verdicts"][-1]["cause"] if st.get("verdicts") else "-"
@@ -56,6 +60,48 @@ def summary_line(st: dict[str, Any]) -> str:
     return (f"{st['job']}: {st['state']}{' (' + st['reason'] + ')' if st.get('reason') else ''}, step "
             f"{st['step']}/{st['target_step']}, attempt {st['attempt']}, ETTR {ettr}, hosts {hosts}, "
             f"last verdict {verdict}")
+
+
+def stored_line(store: Any, name: str) -> str:
+    """What the store knows of a job whose controller is not running: the same fields as `summary_line`, with
+    the fleet's hosts (the job's placement lives only in its controller)."""
+    from orchestrator.report import summarize
+
+    s = summarize(store, name)
+    rec = s.job
+    verdict = s.interruptions[-1].verdict.cause.value if s.interruptions else "-"
+    hosts = store.hosts()
+    out = sorted(h.host for h in hosts if h.state.value == "quarantined")
+    return (f"{name}: {rec.state} (no controller running{': ' + rec.message if rec.message else ''}), step "
+            f"{rec.last_step}/{rec.target_step}, attempt {rec.attempt}, ETTR {100 * s.ettr:.1f}%, hosts "
+            f"{len(hosts) - len(out)} in service{', quarantined ' + ','.join(out) if out else ''}, "
+            f"last verdict {verdict}")
+
+
+def list_row(store: Any, rec: Any) -> list[Any]:
+    """One job's row: a running controller's own figures, else the store's."""
+    from orchestrator.report import summarize
+
+    ctrl = controller_of(rec.name)
+    st: dict[str, Any] | None = None
+    if ctrl is not None:
+        import ray
+
+        try:
+            st = ray.get(ctrl.status.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a controller restarting or busy: the store's figures will do
+            st = None
+    if st is not None:
+        state, step, attempt = st["state"], f"{st['step']}/{st['target_step']}", st["attempt"]
+        ettr = None if st.get("ettr") is None else st["ettr"]
+        verdict = st["verdicts"][-1]["cause"] if st.get("verdicts") else "-"
+    else:
+        s = summarize(store, rec.name)
+        state, step, attempt, ettr = rec.state, f"{rec.last_step}/{rec.target_step}", rec.attempt, s.ettr
+        verdict = s.interruptions[-1].verdict.cause.value if s.interruptions else "-"
+    return [rec.name, state, "yes" if ctrl is not None else "no", step, attempt,
+            "-" if ettr is None else f"{100 * ettr:.1f}%", verdict,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.started_at))]
 
 
 def controller_of(job: str) -> Any | None:
@@ -88,13 +134,19 @@ def register(main: click.Group, config_option: Callable, load: Callable[..., Her
 
         cfg = load(config_path)
         ctrl = submit_job(cfg, new, echo)
+        if stop_on_exit:  # a closed terminal (SIGHUP) or a kill (SIGTERM) is an exit too: stop the job then
+            import signal
+
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                signal.signal(sig, _interrupt)
         try:
             attach_job(ctrl, echo, timeout)
         finally:
             if stop_on_exit:
-                from orchestrator.job import stop_controller
+                from orchestrator.job import end_job
 
-                stop_controller(ctrl)
+                echo(f"stopping job {cfg.job} (--stop-on-exit)")
+                end_job(ctrl, "the client ended (--stop-on-exit)")
         echo(render_text(summarize(Store(cfg.store_url), cfg.job)))
 
     @main.command()
@@ -113,29 +165,31 @@ def register(main: click.Group, config_option: Callable, load: Callable[..., Her
             return
         from orchestrator.store import Store
 
-        rec = Store(cfg.store_url).job(name)
-        if rec is None:
-            raise HerdsmanError(f"no job named {name!r} in the store or on the cluster")
-        echo(f"{name}: {rec.state} (no controller running{': ' + rec.message if rec.message else ''}), step "
-             f"{rec.last_step}/{rec.target_step}, attempt {rec.attempt}")
+        store = Store(cfg.store_url)
+        try:
+            if store.job(name) is None:
+                raise HerdsmanError(f"no job named {name!r} in the store or on the cluster")
+            echo(stored_line(store, name))
+        finally:
+            store.close()
 
     @main.command("list")
     @config_option
     def list_jobs(config_path: str | None) -> None:
-        """Every job in the store, and whether its controller is running."""
+        """Every job in the store: state, whether its controller runs, step, attempt, ETTR, last verdict."""
         from tabulate import tabulate
 
         from orchestrator.store import Store
 
         cfg = load(config_path)
         _connect(cfg)
-        rows = []
-        for rec in Store(cfg.store_url).jobs():
-            live = controller_of(rec.name) is not None
-            rows.append([rec.name, rec.state, "yes" if live else "no", f"{rec.last_step}/{rec.target_step}",
-                         rec.attempt, time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.started_at))])
-        echo(tabulate(rows, headers=["job", "state", "controller", "step", "attempt", "started"]) if rows
-             else "no jobs")
+        store = Store(cfg.store_url)
+        try:
+            rows = [list_row(store, rec) for rec in store.jobs()]
+        finally:
+            store.close()
+        echo(tabulate(rows, headers=["job", "state", "controller", "step", "attempt", "ETTR", "last verdict",
+                                     "started"]) if rows else "no jobs")
 
     @main.command()
     @config_option

@@ -44,7 +44,9 @@ def launch_controller(config: HerdsmanConfig, new: bool = False) -> Any:
                     f"job {config.job!r} already ran in this store ({rec.state} at step {rec.last_step}"
                     f"{': ' + rec.message if rec.message else ''}); give the new job another name, or pass --new "
                     "to archive its records and start the name afresh")
-            store.archive_job(config.job, f"{config.job}@{time.strftime('%Y%m%d-%H%M%S', time.gmtime(rec.started_at))}")
+            archived = f"{config.job}@{time.strftime('%Y%m%d-%H%M%S', time.gmtime(rec.started_at))}"
+            archive_files(config.run_dir, config.job, archived)
+            store.archive_job(config.job, archived)
     finally:
         store.close()
     here = ray.get_runtime_context().get_node_id()
@@ -57,6 +59,23 @@ def launch_controller(config: HerdsmanConfig, new: bool = False) -> Any:
     ray.get(ctrl.start_api.remote())
     ray.get(ctrl.start.remote())
     return ctrl
+
+
+def archive_files(run_dir: str | Path, job: str, archived: str) -> list[Path]:
+    """Move what an ended job left in the run directory (shared by the cluster: its checkpoints, and on every
+    host its report streams, control files, dumps and logs) under the archived name, so that a job started
+    afresh under the same name (`--new`) neither resumes from its checkpoints nor reads its streams."""
+    from herdsman import layout
+
+    moved = []
+    for src in [layout.checkpoint_dir(run_dir, job), *sorted((Path(run_dir) / "nodes").glob(f"*/jobs/{job}"))]:
+        if src.is_dir():
+            dst = src.with_name(archived)
+            if dst.exists():
+                raise HerdsmanError(f"cannot archive {src} as {dst.name}: that name is taken")
+            src.rename(dst)
+            moved.append(dst)
+    return moved
 
 
 def wait_until(ctrl: Any, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
@@ -88,6 +107,19 @@ def wait_done(ctrl: Any, timeout_s: float, on_status: Callable[[dict[str, Any]],
         if time.time() > deadline:
             raise HerdsmanError(f"job did not finish within {timeout_s:.0f} s (state {st['state']}, step {st['step']})")
         time.sleep(0.5)
+
+
+def end_job(ctrl: Any, reason: str, timeout_s: float = 120.0) -> dict[str, Any] | None:
+    """Stop the job as an operator would (recorded as stopped, so no daemon resumes it), then its controller."""
+    st = None
+    try:
+        st = ray.get(ctrl.status.remote(), timeout=30)
+        if st["state"] not in ("finished", "stopped"):
+            ray.get(ctrl.request_stop.remote(reason, False), timeout=30)
+            st = wait_done(ctrl, timeout_s)
+    finally:
+        stop_controller(ctrl)
+    return st
 
 
 def stop_controller(ctrl: Any) -> None:

@@ -68,3 +68,42 @@ def test_report_reads_without_changing_the_store(tmp_path):
     assert db.read_bytes() == before
     one_error_line(herdsman("report", "--db", f"sqlite:///{db}", "--job", "nope"), "no job named 'nope'")
     one_error_line(herdsman("report", "--db", f"sqlite:///{tmp_path / 'none.db'}"), "no Herdsman database")
+
+
+def test_status_of_a_job_without_its_controller_gives_ettr_hosts_and_last_verdict(tmp_path):
+    """What `herdsman status JOB` prints from the store once no controller runs the job."""
+    from herdsman.events import HostState, HostStatus, Interruption, Verdict
+    from herdsman.taxonomy import Action, RootCause
+    from orchestrator.cli_jobs import stored_line
+    from orchestrator.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    s.upsert_job("j", state="finished", target_step=60, last_step=60, started_at=0.0, ended_at=100.0,
+                 productive_s=80.0, attempt=1)
+    v = Verdict(RootCause.FAULTY_GPU, 0.95, ("host-2",), (1,), ("Xid 79",), Action.EVICT, "hw")
+    s.record_interruption(Interruption("j", 0, v, failed_at=10.0, detected_at=11.0, last_step=20))
+    for h, state in (("host-1", HostState.HEALTHY), ("host-2", HostState.QUARANTINED), ("host-3", HostState.SPARE)):
+        s.set_host_state(HostStatus(h, state, 1.0, ""))
+    line = stored_line(s, "j")
+    assert line.startswith("j: finished (no controller running"), line
+    assert "step 60/60, attempt 1" in line and "ETTR 80.0%" in line, line
+    assert "hosts 2 in service, quarantined host-2" in line and line.endswith("last verdict faulty_gpu"), line
+
+
+def test_a_new_job_under_an_ended_name_gets_none_of_its_files(tmp_path):
+    """`submit --new`: the ended job's checkpoints and every host's streams move under the archived name."""
+    from herdsman import layout
+    from orchestrator.job import archive_files
+
+    run = tmp_path / "run"
+    ckpt = layout.checkpoint_dir(run, "j") / "step-00000060"
+    ckpt.mkdir(parents=True)
+    for h in ("host-1", "host-2"):
+        layout.stats_dir(run, h, "j").mkdir(parents=True)
+        (layout.stats_dir(run, h, "j") / "rank00000-attempt0000.jsonl").write_text("{}\n")
+    layout.stats_dir(run, "host-1", "other").mkdir(parents=True)  # another job's files stay
+    moved = archive_files(run, "j", "j@20261130-000000")
+    assert len(moved) == 3 and not layout.checkpoint_dir(run, "j").exists()
+    assert (layout.checkpoint_dir(run, "j@20261130-000000") / "step-00000060").is_dir()
+    assert not list(run.glob("nodes/*/jobs/j")) and len(list(run.glob("nodes/*/jobs/j@20261130-000000"))) == 2
+    assert layout.stats_dir(run, "host-1", "other").is_dir()

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from herdsman.layout import rank_log, stats_dir
 from herdsman.events import HostState
 from herdsman.taxonomy import RootCause
 from orchestrator.cluster import LocalCluster, connect
-from orchestrator.job import launch_controller, stop_controller, wait_done, wait_until
+from orchestrator.job import end_job, launch_controller, stop_controller, wait_done, wait_until
 from orchestrator.store import Store
 from tests.prometheus_server import prometheus, wait_for
+from tests.test_cli import one_error_line
 from tests.test_web import chromium_page, save_screenshot
 
 pytestmark = pytest.mark.e2e
@@ -575,12 +577,23 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
         assert st["state"] == "running", st["decisions"][-10:]
         r = herdsman_cli("status", "detached", "--config", conf)
         assert r.returncode == 0 and "detached: running" in r.stdout and "attempt 0" in r.stdout, r.stdout + r.stderr
+        assert "ETTR" in r.stdout and "hosts host-" in r.stdout and "last verdict -" in r.stdout, r.stdout
         r = herdsman_cli("list", "--config", conf)
-        assert r.returncode == 0 and "detached" in r.stdout and "yes" in r.stdout, r.stdout + r.stderr
-        r = herdsman_cli("submit", "--config", conf)  # the name of a running job
-        assert r.returncode == 2 and "already running" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-        r = herdsman_cli("status", "no-such-job", "--config", conf)
-        assert r.returncode == 2 and "no job named 'no-such-job'" in r.stderr, r.stderr
+        assert r.returncode == 0 and "detached" in r.stdout and "yes" in r.stdout and "ETTR" in r.stdout, r.stdout
+        # Ctrl-C on attach detaches: the job goes on
+        att = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "attach", "detached", "--config", conf],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT), text=True)
+        assert att.stdout.readline(), "attach printed nothing"  # it follows the job now
+        att.send_signal(signal.SIGINT)
+        out = att.communicate(timeout=60)[0]
+        assert att.returncode == 0 and "detached; the job goes on" in out and "Traceback" not in out, out
+        assert ray.get(ctrl.status.remote())["state"] == "running"
+        # bad input: one clear line, exit status 2, nothing changed
+        before = ray.get(ctrl.status.remote())
+        one_error_line(herdsman_cli("submit", "--config", conf), "already running")  # the name of a running job
+        after = ray.get(ctrl.status.remote())
+        assert (after["pid"], after["attempt"], after["state"]) == (before["pid"], before["attempt"], "running")
+        one_error_line(herdsman_cli("status", "no-such-job", "--config", conf), "no job named 'no-such-job'")
         r = herdsman_cli("attach", "detached", "--config", conf, timeout=300)  # follows it to the end
         assert r.returncode == 0 and "detached: finished" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     finally:
@@ -588,12 +601,26 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
     job = Store(cfg.store_url).job("detached")
     assert job.state == "finished" and job.last_step == 60
     r = herdsman_cli("status", "detached", "--config", conf)
-    assert "detached: finished (no controller running" in r.stdout, r.stdout + r.stderr
-    r = herdsman_cli("submit", "--config", conf)  # the name is taken by a finished job
-    assert r.returncode == 2 and "already ran" in r.stderr and "--new" in r.stderr
-    r = herdsman_cli("stop", "detached", "--config", conf)  # a finished job: nothing to stop, nothing changed
-    assert r.returncode == 2 and "no controller is running job 'detached'" in r.stderr, r.stderr
-    assert Store(cfg.store_url).job("detached").state == "finished"
+    assert "detached: finished (no controller running" in r.stdout and "ETTR" in r.stdout, r.stdout + r.stderr
+    assert "step 60/60" in r.stdout and "last verdict -" in r.stdout, r.stdout
+    one_error_line(herdsman_cli("submit", "--config", conf), "already ran")  # the name is taken by a finished job
+    one_error_line(herdsman_cli("stop", "detached", "--config", conf),  # a finished job: nothing to stop
+                   "no controller is running job 'detached'")
+    assert Store(cfg.store_url).job("detached").state == "finished"  # nothing changed
+    assert [j.name for j in Store(cfg.store_url).jobs()] == ["detached"]
+    # --new starts the name afresh; the finished job's records are kept under another name
+    r = herdsman_cli("submit", "--new", "--config", conf)
+    assert r.returncode == 0 and "submitted job detached (attempt 0)" in r.stdout, r.stdout + r.stderr
+    try:
+        st = wait_until(controller_of("detached"), lambda s: s["state"] == "running" and s["step"] >= 1, 240)
+        assert st["attempt"] == 0 and st["step"] < 60 and not st["verdicts"], st  # not the old job's history
+        log = rank_log(tmp_path / "run", st["placement"][0], "detached", 0, 0).read_text()
+        assert "fresh start at step 0" in log, log[-2000:]  # nor its checkpoints
+    finally:
+        end_job(controller_of("detached"), "test over")
+    jobs = {j.name: j for j in Store(cfg.store_url).jobs()}
+    (old,) = [j for n, j in jobs.items() if n.startswith("detached@")]
+    assert old.state == "finished" and old.last_step == 60 and jobs["detached"].state == "stopped"
 
     # stop --drain: the ranks save a fresh checkpoint, then the job stops
     cfg2 = replace(cfg, job="drained", trainer=replace(cfg.trainer, steps=400))
@@ -612,6 +639,24 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
     assert st["state"] == "stopped" and "after a checkpoint at step" in st["reason"], st["reason"]
     fresh = int(st["reason"].split("after a checkpoint at step ")[1].split(":")[0])
     assert fresh >= 7 and fresh < 400
+
+    # `run --stop-on-exit`: the job ends with its client (Ctrl-C here), recorded as stopped
+    cfg3 = replace(cfg, job="onexit", trainer=replace(cfg.trainer, steps=400))
+    conf3 = write_toml(tmp_path / "onexit.toml", cfg3)
+    client = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--stop-on-exit", "--config", conf3],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT), text=True)
+    deadline = time.time() + 120
+    while controller_of("onexit") is None and time.time() < deadline:
+        time.sleep(0.5)
+    try:
+        wait_until(controller_of("onexit"), lambda s: s["state"] == "running" and s["step"] >= 3, 240)
+        client.send_signal(signal.SIGINT)
+        out = client.communicate(timeout=180)[0]
+    finally:
+        if controller_of("onexit") is not None:
+            stop_controller(controller_of("onexit"))
+    assert client.returncode == 0 and "stopping job onexit (--stop-on-exit)" in out, out[-3000:]
+    assert controller_of("onexit") is None and Store(cfg.store_url).job("onexit").state == "stopped"
 
 
 def test_a_trainer_of_your_own_is_evicted_and_resumes_from_its_own_checkpoint(cluster, tmp_path):
