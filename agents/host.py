@@ -22,10 +22,10 @@ from evidence.records import Grouper, records
 from evidence.rules import RuleSet
 from evidence.rules import default as default_rules
 from evidence.rules import load as load_ruleset
-from herdsman.events import Evidence, EvidenceKind, Reason, Severity
+from herdsman.events import IB_LINK_DOWNED, Evidence, EvidenceKind, Reason, Severity
 from herdsman.taxonomy import RootCause
 
-IB_COUNTERS = ("link_downed", "link_error_recovery", "symbol_error", "port_rcv_errors", "port_xmit_discards",
+IB_COUNTERS = (IB_LINK_DOWNED, "link_error_recovery", "symbol_error", "port_rcv_errors", "port_xmit_discards",
                "excessive_buffer_overrun_errors", "local_link_integrity_errors")
 NIC_COUNTERS = ("rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
 READ_CHUNK = 4 << 20  # bytes of kernel log read per cycle

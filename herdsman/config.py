@@ -10,7 +10,8 @@
 Unknown sections or keys, values of the wrong type and values out of range are errors, reported as one line that
 names the key (`trainer.seq_len = 1024 is beyond the context of model 'tiny' (512)`). The ranges are declared next
 to each field (`_f(default, gt=0)`); on top of them, every float must be finite, every int must fit in 64 bits (as
-TOML's do), no string may hold a NUL, and every `*_s` duration without a declared range must be >= 0. Checks that
+TOML's do), no string may hold a NUL, every `*_s` duration without a declared range must be >= 0, and every one is
+at most 1e7 s (about 115 days: config_fields.MAX_DURATION_S; beyond threading.TIMEOUT_MAX a wait raises). Checks that
 involve several fields are in the sections' __post_init__. Sections validate themselves when built, so
 dataclasses.replace() and direct construction are checked as well as files.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from herdsman import layout
 from herdsman.config_fields import ConfigError, _check, _f, _hints, _show, _validate
-from herdsman.secrets import redact_url
+from herdsman.secrets import redact_url, url_password
 
 
 MODEL_CONTEXT: dict[str, int] = {"8B": 8192, "70B": 8192, "405B": 8192, "tiny": 512, "small": 512}
@@ -162,15 +163,16 @@ class ControllerConfig:
     heartbeat_timeout_s: float = _f(10.0, gt=0)
     """A host whose agent is silent this long is unreachable (must exceed agent.interval_s)."""
     lemon_window_s: float = _f(86400.0, gt=0)
-    """A host implicated lemon_threshold times within this window is kept out as a lemon."""
+    """A host implicated lemon_threshold times within this window is kept out as a lemon (mostly a fault a wrong
+    verdict left in service, failing again: broken, if not a lemon; the likelihood test below finds lemons)."""
     lemon_threshold: int = _f(3, ge=1)
     lemon_factor: float = _f(15.0, ge=1)
     """The lemon hypothesis: a lemon fails this many times as often as a normal host ..."""
     lemon_warning_factor: float = _f(5.0, ge=1)
     """... and shows precursors (correctable ECC bursts, PCIe replays, link flaps) this many times as often."""
     lemon_prior_share: float = _f(0.02, gt=0, lt=1)
-    """Share of lemons expected in the fleet. A host is flagged at 9:1 posterior odds of being one (see
-    orchestrator/policy.py, LemonDetector)."""
+    """Share of lemons expected in the fleet. A host is flagged at 99:1 posterior odds of being one: a flag sends
+    it to RMA, and at 9:1 one flag in ten may be healthy (see orchestrator/policy.py, LemonDetector)."""
     drain_timeout_s: float = 120.0
     """How long a drain waits for the fresh checkpoint before taking the host out anyway."""
     hang_timeout_s: float = _f(120.0, gt=0)
@@ -337,6 +339,14 @@ class HerdsmanConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return layout.checkpoint_dir(self.run_dir, self.job)
+
+
+def config_secrets(cfg: HerdsmanConfig) -> list[str]:
+    """The literal secrets a configuration holds, for log redaction: the API token and the store URL's password
+    (one under 6 characters is left out: hiding every occurrence of "pw" would mangle the logs; inside a URL the
+    redaction hides it anyway)."""
+    password = url_password(cfg.store.url)
+    return [s for s in (cfg.api.token, password if len(password) >= 6 else "") if s]
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -63,6 +63,9 @@ class Reason(str, enum.Enum):
 
 LINK_DOWN = frozenset({Reason.NIC_DOWN, Reason.IB_PORT_DOWN, Reason.NIC_LINK_DOWN, Reason.IB_PORT_DOWN_LOG,
                        Reason.IB_ERRORS})
+# The InfiniBand port counter (sysfs) whose rise means the link went down: of the IB_ERRORS evidence (its
+# attrs["counter"]) only this one is a link down, the others are errors on a link that stayed up.
+IB_LINK_DOWNED = "link_downed"
 
 
 class TrainerPhase(str, enum.Enum):

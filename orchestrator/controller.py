@@ -46,7 +46,7 @@ from orchestrator.responder import FailureResponder
 from orchestrator.states import (  # noqa: F401  (Running etc. are imported from here by callers)
     ATTEMPT_EVIDENCE, TERMINAL, BackingOff, Draining, Failing, Finished, Running, Scheduling, State, Stopped,
     Stopping, legal)
-from orchestrator.store import HostIncident, Store
+from orchestrator.store import HostIncident, Store, StoreError
 from orchestrator.store_writer import StoreWriter
 
 log = logging.getLogger("herdsman.controller")
@@ -70,15 +70,20 @@ class Controller(Intake, Operations):
         write_private(self.config_path, to_toml(replace(config, run_dir=str(self.run_dir)), redact=True))
         self.store = store or Store(config.store_url)  # read here; written only through self.records
         self.records = StoreWriter(self.store, spool=layout.store_spool(self.run_dir, config.job), clock=clock)
-        self.records.flush(timeout_s=10.0)  # what a stopped controller spooled is in before it is read back
         self.fleet: Fleet = fleet or RayFleet(config, self.run_dir, str(PROJECT_ROOT))
         self.pool = HostPool()
-        self.pool.restore(self.store.hosts())
         c = config.controller
         self.responder = responder or FailureResponder(c, LemonDetector(
             c.lemon_window_s, c.lemon_threshold, factor=c.lemon_factor, warning_factor=c.lemon_warning_factor,
             prior_share=c.lemon_prior_share))
-        self._remember_hosts()
+        try:  # no decision is safe without what the store knows: quarantines, host records, a job half done
+            self.records.flush(timeout_s=10.0)  # what a stopped controller spooled is in before it is read back
+            self.pool.restore(self.store.hosts())
+            self._remember_hosts()
+            self.recovered = recover(self.store, config.job, self.run_dir)
+        except StoreError as e:  # one clear error (the daemon tries again); the spool keeps what was not written
+            self.records.close(timeout_s=0.0)
+            raise StoreError(f"controller of job {config.job!r} not started, nothing changed: {e}") from e
         self.lock = threading.RLock()
         self.state: State = Scheduling(clock())
         self.decisions: deque[str] = deque(maxlen=500)
@@ -103,7 +108,6 @@ class Controller(Intake, Operations):
         self._warmed_for = -1  # the attempt whose spares were warmed
         self._api = None
         self.api_url = ""
-        self.recovered = recover(self.store, config.job, self.run_dir)
         if self.recovered is not None:
             self._carry_on(self.recovered)
         else:
@@ -151,12 +155,6 @@ class Controller(Intake, Operations):
     def attempt(self) -> int:
         return self.ledger.attempt
 
-    def _quarantine_lemon(self, host: str) -> None:
-        """A host found to be a lemon from its precursors: out at once if idle, else at the job's next restart."""
-        self.pool.quarantine(host, f"lemon: {self.responder.lemons.explain(host, self.clock())}", self.clock())
-        self._decide(f"quarantine {host}: lemon ({self.responder.lemons.explain(host, self.clock())})")
-        self._persist_hosts()
-
     # --- the loop -------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
@@ -167,7 +165,8 @@ class Controller(Intake, Operations):
         while not self._stop.is_set() and not isinstance(self.state, TERMINAL):
             changed = self.tick()
             if not changed:  # a transition is acted on at once; only waiting states poll
-                self._wake.wait(self.cfg.controller.poll_interval_s)
+                # clamped: a wait beyond threading.TIMEOUT_MAX raises OverflowError and would end this thread
+                self._wake.wait(min(max(0.0, self.cfg.controller.poll_interval_s), threading.TIMEOUT_MAX))
                 self._wake.clear()
         self._persist_progress(final=True)
 
@@ -196,10 +195,11 @@ class Controller(Intake, Operations):
             self._persist_hosts()
         with self.lock:
             requests, self._requests = self._requests, []
+        acted = state
         for kind, reason in requests:
-            state = self._operator(kind, reason, state)
-        if isinstance(state, TERMINAL):
-            return state
+            acted = self._operator(kind, reason, acted)
+        if acted is not state or isinstance(state, TERMINAL):  # an operator's move is a transition of its own
+            return acted
         if isinstance(state, Scheduling):
             return self._schedule(state)
         if isinstance(state, Running):
@@ -401,32 +401,6 @@ class Controller(Intake, Operations):
         self._decide(f"stopped {done}")
         return Stopped(f"stopped by an operator {done}: {state.reason}")
 
-    def _operator(self, kind: str, reason: str, state: State) -> State:
-        """An operator's restart or stop, carried out by the loop (the API only queues it)."""
-        group = state.group if isinstance(state, (Running, Failing, Draining, Stopping)) else None
-        if kind == "stop-drain" and isinstance(state, Running):
-            self._decide(f"operator stop after a fresh checkpoint: {reason}")
-            state.group.request_checkpoint(then_exit=True)
-            now = self.clock()
-            return Stopping(state.group, reason, now, now + self.cfg.controller.drain_timeout_s)
-        if kind in ("stop", "stop-drain"):  # (nothing is training: there is nothing to save first)
-            if group is not None:
-                group.shutdown()
-            self._decide(f"operator stop: {reason}")
-            return Stopped(f"stopped by an operator: {reason}")
-        if group is None:
-            self._decide(f"operator restart ignored: no trainer is running ({reason})")
-            return state
-        now = self.clock()
-        self._decide(f"operator restart: {reason}")
-        usable = self.pool.usable()
-        group.shutdown(keep_hosts=[h for h in group.hosts if h in usable])
-        verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (f"operator: {reason}",), Action.RESTART,
-                          f"restart requested by an operator: {reason}")
-        with self.lock:
-            self.records.record_interruption(self.ledger.interrupt(verdict, now, now, planned=True))
-        return Scheduling(self.clock())
-
     # --- records ------------------------------------------------------------------------------------------
     def _interrupt(self, verdict: Verdict, failed_at: float, detected_at: float, planned: bool) -> None:
         """The attempt ended for `verdict`: into the ledger and the store (the next attempt begins)."""
@@ -488,10 +462,23 @@ class _RayController(Controller):
     again at once, without waiting for the launcher."""
 
     def __init__(self, config: HerdsmanConfig):
+        from herdsman.config import config_secrets
+        from herdsman.secrets import protect_process_logs
+
+        protect_process_logs(config_secrets(config))  # this process's logs hide the token and the store password
         super().__init__(config)
         if self.recovered is not None:
             self.start_api()
             self.start()
+
+    def start_api(self) -> str:
+        from herdsman.secrets import protect_process_logs
+        from orchestrator.api import load_or_create_token
+
+        url = super().start_api()
+        # the operator token (a generated one too), and on the handlers uvicorn has made by now
+        protect_process_logs([load_or_create_token(self.cfg.api.token, self.run_dir)])
+        return url
 
 
 ControllerActor = ray.remote(num_cpus=0, max_concurrency=16)(_RayController)

@@ -22,7 +22,7 @@ from typing import Sequence
 from evidence.engine import text_evidence
 from evidence.rules import Strength
 from herdsman.events import LINK_DOWN as LINK_DOWN_REASONS
-from herdsman.events import Evidence, EvidenceKind, RankFailure, Reason, Severity, Verdict
+from herdsman.events import IB_LINK_DOWNED, Evidence, EvidenceKind, RankFailure, Reason, Severity, Verdict
 from herdsman.taxonomy import RootCause
 from herdsman.xid import lookup as xid_lookup
 
@@ -104,7 +104,7 @@ def candidate(e: Evidence) -> tuple[RootCause, Strength] | None:
     if e.kind == EvidenceKind.NETWORK:
         return RootCause.NETWORK_SWITCH_CABLE, Strength.SUPPORTS
     if (e.kind == EvidenceKind.HOST_LOG and e.attrs.get("reason") in LINK_DOWN and not e.attrs.get("cleared")
-            and (e.attrs.get("reason") != Reason.IB_ERRORS or e.attrs.get("counter") == "link_downed")):
+            and (e.attrs.get("reason") != Reason.IB_ERRORS or e.attrs.get("counter") == IB_LINK_DOWNED)):
         return RootCause.NIC, d
     if e.severity == Severity.CRITICAL and e.attrs.get("cause") and e.kind not in _NOT_HARDWARE:
         try:

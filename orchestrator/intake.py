@@ -3,6 +3,8 @@
 Three doors, one fold: `ingest(blob)` takes a batch of wire frames (herdsman/wire.py) from an agent or a relay,
 what a fleet sends through Ray; `report(r)` and `report_batch(rs)` take AgentReports in process (the simulator, the
 tests, and the controller's own gathers). A mixin of Controller: it works on the controller's state under its lock.
+What it acts on at once: a precursor that makes a host a lemon, and critical hardware evidence on an idle spare
+(the responder takes the spare out; the job goes on).
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from herdsman import wire
-from herdsman.events import AgentReport, TrainerPhase
-from orchestrator.diagnose import precursor
+from herdsman.events import AgentReport, Evidence, HostState, Severity, TrainerPhase
+from orchestrator.diagnose import Failure, diagnose, hardware_cause, precursor
 
 log = logging.getLogger("herdsman.controller")
 PRECURSOR_EVERY_S = 3600.0  # the same precursor on the same host counts once in this time
@@ -47,6 +49,10 @@ class Intake:
         if hb.gpus or hb.host not in self.heartbeats:  # a heartbeat without samples keeps the last readings
             self.heartbeats[hb.host] = hb
         self.evidence.extend(r.evidence)
+        for e in r.evidence:
+            if (e.severity == Severity.CRITICAL and self._idle(e.host) and hardware_cause(e) is not None
+                    and e.time >= self.returned_at.get(e.host, 0.0)):  # not what it showed before its repair
+                self._spare_failed(e)
         for e in r.evidence:  # precursors: what a lemon shows between its failures
             if precursor(e):
                 key = (e.host, e.kind.value, str(e.attrs.get("reason") or e.code or ""))
@@ -67,3 +73,27 @@ class Intake:
                 self.records.record_interruption(done)
         if wire.urgent(r):  # it may end the attempt: the loop looks now
             self._wake.set()
+
+    def _idle(self, host: str) -> bool:
+        """In service (a spare, or a suspect placed last) and in no worker group of the job."""
+        return (self.pool.state(host) in (HostState.SPARE, HostState.SUSPECT)
+                and not (self.group is not None and host in self.group.hosts))
+
+    def _spare_failed(self, e: Evidence) -> None:
+        """Critical hardware evidence on an idle host: diagnosed from its own evidence, taken out for repair by the
+        responder and kept in its record; the job is not touched. A warm standby on it is let go of at the next
+        warming (orchestrator/fleet.py `warm` keeps only the spares next in line)."""
+        h, now = e.host, self.clock()
+        since = max(e.time - self.cfg.controller.evidence_window_s, self.returned_at.get(h, 0.0))
+        verdict = diagnose(Failure(e.time, (), (h,)), [x for x in self.evidence if x.host == h and x.time >= since])
+        response = self.responder.spare_failed(h, verdict, self.pool, now)
+        self._persist_hosts()
+        self._decide(f"verdict {verdict.cause.value} ({verdict.confidence:.2f}) on idle {h}: {verdict.reason}")
+        self._decide(f"decision {response.action.value}: {response.reason}")
+        self._warmed_for = -1  # the spares next in line are warmed again, without it
+
+    def _quarantine_lemon(self, host: str) -> None:
+        """A host found to be a lemon from its precursors: out at once if idle, else at the job's next restart."""
+        self.pool.quarantine(host, f"lemon: {self.responder.lemons.explain(host, self.clock())}", self.clock())
+        self._decide(f"quarantine {host}: lemon ({self.responder.lemons.explain(host, self.clock())})")
+        self._persist_hosts()

@@ -1,6 +1,7 @@
 """What the controller serves besides its loop: the status and views the API and the page read, operator
-actions (quarantine, return to service, restart, stop), and the fault-injection hooks of the demo and tests.
-A mixin of Controller: it works on the controller's state under its lock."""
+actions (quarantine, return to service, restart, stop: the API queues the last two, `_operator` carries them out
+in the loop), and the fault-injection hooks of the demo and tests. A mixin of Controller: it works on the
+controller's state under its lock."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import os
 from typing import Any
 
 from herdsman import HerdsmanError
-from herdsman.events import EvidenceKind, to_dict
+from herdsman.events import EvidenceKind, Verdict, to_dict
+from herdsman.taxonomy import Action, RootCause
 from orchestrator.accounts import account
+from orchestrator.states import TERMINAL, Draining, Running, Scheduling, State, Stopped, Stopping
+
+# why an operator's restart is refused in a state where the job is not training (the loop restarts it anyway)
+_NO_RESTART = {
+    "scheduling": "the job is being placed", "failing": "a failure is being diagnosed; its response restarts the job",
+    "draining": "hosts are being drained; the job restarts when the drain is done",
+    "backingoff": "the job restarts when its backoff ends", "stopping": "the job is stopping",
+}
 
 
 class Operations:
@@ -141,6 +151,42 @@ class Operations:
             raise HerdsmanError("the job has already ended")
         with self.lock:
             self._requests.append(("stop-drain" if drain else "stop", reason))
+
+    def _operator(self, kind: str, reason: str, state: State) -> State:
+        """An operator's restart or stop, carried out by the loop. A restart ends a training attempt (planned);
+        in any other live state it is refused, nothing changed. A stop ends the job now; `stop-drain` first lets
+        the ranks save (a drain already saving is waited for), and is plain when nothing trains."""
+        if isinstance(state, TERMINAL):
+            self._decide(f"operator {kind} ignored: the job has already ended ({reason})")
+            return state
+        group = getattr(state, "group", None)
+        if kind == "stop-drain" and isinstance(state, Stopping):
+            self._decide(f"operator stop after a fresh checkpoint: already stopping so ({reason})")
+            return state
+        if kind == "stop-drain" and isinstance(state, (Running, Draining)):
+            self._decide(f"operator stop after a fresh checkpoint: {reason}")
+            if isinstance(state, Draining):  # its ranks are saving already, then exit: the stop waits for that
+                return Stopping(state.group, reason, state.requested_at, state.deadline)
+            state.group.request_checkpoint(then_exit=True)
+            now = self.clock()
+            return Stopping(state.group, reason, now, now + self.cfg.controller.drain_timeout_s)
+        if kind in ("stop", "stop-drain"):  # (stop-drain here: nothing is training, there is nothing to save)
+            if group is not None:
+                group.shutdown()
+            self._decide(f"operator stop: {reason}")
+            return Stopped(f"stopped by an operator: {reason}")
+        if not isinstance(state, Running):
+            self._decide(f"operator restart refused while {state.name}: {_NO_RESTART[state.name]} ({reason})")
+            return state
+        now = self.clock()
+        self._decide(f"operator restart: {reason}")
+        usable = self.pool.usable()
+        state.group.shutdown(keep_hosts=[h for h in state.group.hosts if h in usable])
+        verdict = Verdict(RootCause.UNKNOWN, 1.0, (), (), (f"operator: {reason}",), Action.RESTART,
+                          f"restart requested by an operator: {reason}")
+        with self.lock:
+            self.records.record_interruption(self.ledger.interrupt(verdict, now, now, planned=True))
+        return Scheduling(self.clock())
 
     def return_to_service(self, host: str) -> list[str]:
         """Run the host's health check; if it passes the host becomes a spare. Returns the problems found."""

@@ -1,15 +1,16 @@
 """The failure responder: the one place where a verdict becomes what happens to the job and its hosts.
 
 Verdict + whether the job progressed since the last failure + the host pool in; a Response out (restart, evict,
-drain or stop and page, the hosts taken out and why, the backoff). The controller calls it on a real job and the
-simulator on a simulated clock, so the simulator's ETTR is the real policy's ETTR. It keeps what the decision
-depends on: the job's verdict history (crash-loop guard), its restart count and failures without progress
-(backoff), and the lemon detector's record of each host.
+drain or stop and page, the hosts taken out and why, the backoff); an idle spare that fails is taken out the same
+way (`spare_failed`). The controller calls it on a real job and the simulator on a simulated clock, so the
+simulator's ETTR is the real policy's ETTR. It keeps what the decision depends on: the job's verdict history
+(crash-loop guard), its restart count and failures without progress (backoff), and the lemon detector's record of
+each host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from herdsman.config import ControllerConfig
@@ -73,6 +74,21 @@ class FailureResponder:
         for h in verdict.hosts:
             pool.quarantine(h, f"{verdict.cause.value}: {first}", now)
         return Response(Action.DRAIN, verdict.hosts, (), (), 0.0, f"drain {', '.join(verdict.hosts)}: {verdict.reason}")
+
+    def spare_failed(self, host: str, verdict: Verdict, pool: HostPool, now: float) -> Response:
+        """An idle spare (in no worker group) failed: its agent saw it, so it goes for repair whatever the verdict
+        calls it, and the failure counts in its record (a lemon found so goes to RMA). Not a failure of the job:
+        nothing is restarted, counted or lost."""
+        lemons = tuple(self.lemons.implicate(replace(verdict, hosts=(host,)), now))
+        if host in lemons:
+            pool.quarantine(host, f"lemon: {self.lemons.explain(host, now)}", now)
+        else:
+            first = verdict.evidence[0] if verdict.evidence else verdict.reason
+            pool.quarantine(host, f"{verdict.cause.value} while idle: {first}", now)
+        evict = () if host in lemons else (host,)
+        return Response(Action.EVICT, evict, lemons, (), 0.0,
+                        f"{verdict.cause.value}: spare {host} failed while idle; out for repair"
+                        f"{' (a lemon)' if lemons else ''}, the job goes on untouched")
 
     def human_reset(self) -> None:
         """A human answered the page, fixed what stopped the job and restarted it: the budget starts over."""

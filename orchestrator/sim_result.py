@@ -86,6 +86,7 @@ class SimResult:
             "lemons_flagged": self.lemons_flagged, "lemons_found": self.lemons_found, "lemon_hosts": self.lemon_hosts,
             "lemon_recall": self.lemon_recall, "lemon_precision": self.lemon_precision,
             "lemons_before_job": self.lemons_before_job, "healthy_flagged": self.healthy_flagged,
+            "faulty_flagged": self.faulty_flagged, "removal_precision": self.removal_precision,
             "spare_failures": self.spare_failures, "misdiagnosed": self.misdiagnosed,
             "human_interventions": self.human_interventions, "waits_for_hosts": self.waits_for_hosts,
             "policy_calls": self.policy_calls, "policy_us_per_event": self.policy_us_per_event,
@@ -99,6 +100,18 @@ class SimResult:
     @property
     def lemon_precision(self) -> float | None:
         return self.lemons_found / self.lemons_flagged if self.lemons_flagged else None
+
+    @property
+    def faulty_flagged(self) -> int:
+        """Flagged hosts that were no lemons but broken at the time: a wrong verdict had left a fault in service
+        (silent data corruption called `unknown`) and it failed again. Rightly taken out, so not false alarms, but
+        not lemons either: lemon_precision counts them against the detector, removal_precision does not."""
+        return self.lemons_flagged - self.lemons_found - self.healthy_flagged
+
+    @property
+    def removal_precision(self) -> float | None:
+        """Of the hosts flagged, the share that was a lemon or broken at the time (only healthy ones count against)."""
+        return 1 - self.healthy_flagged / self.lemons_flagged if self.lemons_flagged else None
 
     @property
     def policy_us_per_event(self) -> float:

@@ -3,15 +3,20 @@
 The job needs `gpus / gpus_per_host` hosts; a pool of spares stands by. Failures arrive as Poisson processes whose
 rates come from Llama 3's Table 5 (counts over 54 days on 16,384 GPUs), scaled to the job's size: hardware causes
 strike one host (a few lemon hosts many times more often than the rest), software and collective causes strike the
-job. Each failure becomes a Verdict (the cause is taken as diagnosed correctly) and goes through the controller's own
-`RestartPolicy`, `LemonDetector` and `HostPool`, on a simulated clock: evicted hosts leave for repair and come back,
-spares replace them, a stop pages a human. Time is split exactly as in the real reports (README, "How it fits together"): productive,
-checkpoint stalls, detection, restart, restore, lost work, waiting for hosts, a human holding the job (operator).
+job. Each failure becomes a Verdict (the true cause, or, with `diagnosis = "measured"`, one drawn from the confusion
+matrix `herdsman diagnose --eval` measured: a wrong verdict costs what it costs in the real policy, a healthy host
+evicted or a faulty one kept to fail again) and goes through the controller's own FailureResponder (its
+`RestartPolicy` and `LemonDetector`) and `HostPool`, on a simulated clock: evicted hosts leave for repair and come
+back, spares replace them, a stop pages a human. Idle spares fail too (at the rate of the hosts of the job): the
+responder takes them out for repair as the controller does, and the job goes on. Time is split exactly as in the
+real reports (README, "How it fits together"): productive, checkpoint stalls, detection, restart, restore, lost
+work (whole steps since the last checkpoint), waiting for hosts, a human holding the job (operator).
 
 Failures keep arriving while the job recovers (a restart hit by a failure starts over), so the count of
-interruptions is the rate times the wall time, as in the paper. Stated simplifications: spares do not fail while
-idle; the diagnosis is always right; a failure during a checkpoint save loses that checkpoint; the in-memory tier,
-when on, always holds a copy of the latest checkpoint (one host lost at a time).
+interruptions is the rate times the wall time, as in the paper. Stated simplifications: a failure during a
+checkpoint save loses that checkpoint; the in-memory tier, when on, always holds a copy of the latest checkpoint
+(one host lost at a time); an idle spare's failure is always seen (its agent reports it), whatever cause the
+verdict names.
 """
 
 from __future__ import annotations
@@ -313,17 +318,22 @@ class Simulation:
                 for h in self._timed(self.responder.lemons.warn, hosts[0], t):
                     self._lemon_out(h, t)
                 continue
-            if kind == "spare":  # an idle host fails: its agent says so, it goes for repair; the job goes on
-                self.result.spare_failures += 1
-                verdict = self._diagnose(cause, hosts)
-                lemons = self._timed(self.responder.lemons.implicate, verdict, t)
-                self.pool.quarantine(hosts[0], cause.value, t)
-                self._out(hosts, cause, t, lemons)
+            if kind == "spare":
+                self._spare_failure(t, cause, hosts[0])
                 continue
             up_at = self._interruption(t, kind == "planned", cause, hosts, up_at)
         self.result.sim_wall_s = time.perf_counter() - t0
         self.result.lemons_still_in = len(self.lemons)
         return self.result
+
+    def _spare_failure(self, t: float, cause: RootCause, host: str) -> None:
+        """An idle host fails: its agent says so, the responder takes it out for repair; the job goes on."""
+        self.result.spare_failures += 1
+        verdict = self._diagnose(cause, (host,))
+        response = self._timed(self.responder.spare_failed, host, verdict, self.pool, t)
+        if cause.facts.host_fault:
+            self.faulty.add(host)
+        self._out(response.out, cause, t, response.lemons)
 
     def _lemon_out(self, h: str, t: float) -> None:
         """Flagged from its precursors: out of the next placement, and off to RMA (an idle one at once)."""
@@ -358,10 +368,11 @@ class Simulation:
                 self.result.human_interventions += 1
                 self.hold_until = max(self.hold_until, now + cfg.human_response_s)
                 self.responder.human_reset()
+        if cause.facts.host_fault:  # broken now, whatever the verdict says (a flag on it is not a healthy one)
+            self.faulty.update(hosts)
         self._out(response.out, verdict.cause, now, response.lemons)
         for h in hosts:  # a faulty host the verdict left in service fails again
             if cause.facts.host_fault and h not in response.out:
-                self.faulty.add(h)
                 self.refails[h] = (now + self.rng.expovariate(1 / cfg.refail_s), cause)
         # a human already on it holds the restart, whatever else breaks meanwhile
         held = max(response.backoff_s, self.hold_until - now)

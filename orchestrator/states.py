@@ -77,13 +77,15 @@ class Stopped(State):
 
 TERMINAL = (Finished, Stopped)
 
-# state -> the states it may move to (an operator's stop or restart can come in any live state)
+# state -> the states it may move to. An operator's stop can come in any live state (a drained stop while a
+# drain saves waits for that save: Draining -> Stopping); an operator's restart only while Running (Running ->
+# Scheduling): in the other states the loop restarts the job itself and the request is refused.
 TRANSITIONS: dict[type[State], tuple[type[State], ...]] = {
     Scheduling: (Scheduling, Running, Stopped),
     Running: (Running, Failing, Draining, Finished, Scheduling, Stopping, Stopped),
     Stopping: (Stopping, Stopped),
-    Failing: (Failing, BackingOff, Scheduling, Stopped),
-    Draining: (Draining, Failing, Scheduling, Stopped),
+    Failing: (Failing, BackingOff, Stopped),
+    Draining: (Draining, Failing, Scheduling, Stopping, Stopped),
     BackingOff: (BackingOff, Scheduling, Stopped),
     Finished: (Finished,),
     Stopped: (Stopped,),

@@ -51,6 +51,14 @@ def postgres_url():
         shutil.rmtree(top, ignore_errors=True)
 
 
+@pytest.fixture
+def make(tmp_path):
+    """Build controllers on a fake fleet and clock, stepped one tick at a time (tests/controller_fakes.py)."""
+    from tests.controller_fakes import controllers
+
+    yield from controllers(tmp_path)
+
+
 def artifacts_dir() -> Path:
     """Where tests leave files for a human to look at (screenshots, reports)."""
     return Path(os.environ.get("HERDSMAN_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))

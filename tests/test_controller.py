@@ -1,14 +1,13 @@
 """The controller's state machine, one tick at a time, with a fake fleet and clock (no Ray, no processes).
 
-Every state, every transition, every operator action and a store outage, in milliseconds each. The same paths run
-end to end in tests/test_e2e.py on a real cluster.
+Every state, the main transitions, operator actions while the job trains, an idle spare that fails and a store
+outage, in milliseconds each; the other transitions, operator actions in the other states and a store that fails at
+start-up are in tests/test_controller_states.py. The same paths run end to end in tests/test_e2e.py on a real
+cluster.
 """
 
 import dataclasses
 
-import pytest
-
-from herdsman.config import load_config
 from herdsman.events import (
     AgentReport,
     Evidence,
@@ -17,13 +16,11 @@ from herdsman.events import (
     HostState,
     Severity,
     StepStats,
-    TrainerEvent,
     TrainerPhase,
 )
 from herdsman.stats import StatsWriter
 from herdsman.layout import stats_dir
 from herdsman.taxonomy import RootCause
-from orchestrator.controller import Controller
 from orchestrator.states import (
     TRANSITIONS,
     BackingOff,
@@ -36,149 +33,9 @@ from orchestrator.states import (
     legal,
 )
 from orchestrator.store import Store
-from orchestrator.workers import GroupStatus, RankStatus
+from tests.controller_fakes import Clock, FakeFleet  # noqa: F401  (tests/test_wire.py imports them from here)
+from tests.controller_fakes import HOSTS, event, heartbeat_all, running, step
 from tests.test_store_writer import Flaky
-
-HOSTS = ["host-1", "host-2", "host-3", "host-4"]
-
-
-class Clock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-    def advance(self, s):
-        self.t += s
-
-
-class FakeGroup:
-    def __init__(self, placement, attempt, clock):
-        self.hosts = [h for h, _ in placement]
-        self.rank_hosts = list(self.hosts)
-        self.attempt, self.clock = attempt, clock
-        self.exit = {r: None for r in range(len(self.hosts))}
-        self.ended, self.stderr = {}, {}
-        self.unreachable = ()
-        self.shutdowns, self.checkpoints = [], []
-
-    @property
-    def world_size(self):
-        return len(self.hosts)
-
-    def start(self):
-        pass
-
-    def poll(self):
-        ranks = tuple(RankStatus(r, self.rank_hosts[r], 100 + r, self.exit[r] is None, self.exit[r],
-                                 self.ended.get(r), self.stderr.get(r, "")) for r in self.exit)
-        return GroupStatus(ranks, tuple(self.unreachable))
-
-    def fail(self, rank, code=1, stderr=""):
-        self.exit[rank], self.ended[rank], self.stderr[rank] = code, self.clock(), stderr
-
-    def finish(self):
-        for r in self.exit:
-            self.exit[r], self.ended[r] = 0, self.clock()
-
-    def shutdown(self, grace_s=3.0, keep_hosts=()):
-        self.shutdowns.append(tuple(keep_hosts))
-
-    def request_checkpoint(self, then_exit=False):
-        self.checkpoints.append(then_exit)
-
-    def request_dumps(self, skip=frozenset()):
-        return []
-
-    def inject(self, rank, fault, message="", at_step=0, sticky=False):
-        return f"{fault} into rank {rank}"
-
-    def kill(self, rank):
-        self.fail(rank, -9)
-
-
-class FakeFleet:
-    def __init__(self, clock, hosts=HOSTS):
-        self.clock, self.hosts = clock, {h: f"node-{h}" for h in hosts}
-        self.groups, self.problems, self.injected, self.warmed = [], {}, [], []
-
-    def discover(self):
-        return dict(self.hosts)
-
-    def ensure_agents(self, nodes, job, decide):
-        pass
-
-    def gather(self, hosts, decide):
-        return []
-
-    def flight_recorder(self, hosts, attempt, decide):
-        return [], [], []
-
-    def has_agent(self, host):
-        return host in self.hosts
-
-    def health_check(self, host):
-        return self.problems.get(host, [])
-
-    def inject(self, host, fault, gpu=0, **args):
-        self.injected.append((host, fault))
-        return f"{host}: {fault}"
-
-    def warm(self, spares, in_job):
-        self.warmed.append(([h for h, _ in spares], list(in_job)))
-
-    def start_group(self, placement, attempt, env):
-        g = FakeGroup(placement, attempt, self.clock)
-        self.groups.append(g)
-        return g
-
-    def close(self):
-        pass
-
-
-@pytest.fixture
-def make(tmp_path):
-    made = []
-
-    def build(store=None, **controller):
-        clock = Clock()
-        cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "job": "unit",
-                                     "trainer": {"steps": 20, "checkpoint_every": 5},
-                                     "controller": {"failure_grace_s": 1.0, "hang_timeout_s": 30.0,
-                                                    "startup_timeout_s": 30.0, "restart_backoff_s": 1.0,
-                                                    **controller}})
-        fleet = FakeFleet(clock)
-        ctrl = Controller(cfg, store=store, fleet=fleet, clock=clock)
-        made.append(ctrl)
-        return ctrl, fleet, clock
-
-    yield build
-    for c in made:
-        c.records.close(timeout_s=1)
-
-
-def heartbeat_all(ctrl, clock, hosts=HOSTS):
-    for h in hosts:
-        ctrl.report(AgentReport(Heartbeat(h, clock(), 1)))
-
-
-def step(ctrl, clock, n, attempt=0):
-    heartbeat_all(ctrl, clock, [h for h in HOSTS if ctrl.pool.state(h) != HostState.QUARANTINED])
-    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 1),
-                            steps=(StepStats(0, "host-1", attempt, n, clock(), 0.5, 512, 2.0),)))
-
-
-def event(ctrl, clock, phase, attempt, step_=0):
-    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 1),
-                            trainer_events=(TrainerEvent(0, "host-1", attempt, phase, clock(), step_, 0.1),)))
-
-
-def running(make, **kw):
-    ctrl, fleet, clock = make(**kw)
-    heartbeat_all(ctrl, clock)
-    assert ctrl.tick() and isinstance(ctrl.state, Running)
-    return ctrl, fleet, clock
 
 
 def test_schedules_on_the_workers_keeps_a_spare_and_finishes(make):
@@ -226,6 +83,31 @@ def test_fatal_xid_fails_the_job_evicts_the_host_and_restarts_on_the_spare(make)
     (it,) = ctrl.store.interruptions("unit")
     assert it.verdict.cause == RootCause.FAULTY_GPU and it.restart_s is not None and it.restore_s == 1.0
     assert it.resumed_step == 5 and it.last_step == 7
+
+
+def test_an_idle_spare_that_fails_is_taken_out_and_the_job_goes_on(make):
+    ctrl, fleet, clock = running(make)
+    step(ctrl, clock, 7)
+    event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 5)
+    ctrl.tick()
+    assert fleet.warmed == [(["host-4"], ["host-1", "host-2", "host-3"])]  # host-4 is the warm spare
+    clock.advance(1)
+    xid = Evidence("host-4", EvidenceKind.GPU_XID, clock(), "NVRM: Xid 79, GPU has fallen off the bus",
+                   Severity.CRITICAL, gpu=0, code=79)
+    ctrl.report(AgentReport(Heartbeat("host-4", clock(), 2), (xid,)))
+    assert ctrl.pool.state("host-4") == HostState.QUARANTINED
+    assert ctrl.responder.lemons.failures["host-4"] == 1
+    assert any("on idle host-4" in d and "faulty_gpu" in d for d in ctrl.decisions)
+    assert any("decision evict" in d and "spare host-4 failed while idle" in d for d in ctrl.decisions)
+    assert not ctrl.tick() and isinstance(ctrl.state, Running)  # the job is not disturbed
+    assert ctrl.attempt == 0 and len(fleet.groups) == 1 and fleet.groups[0].shutdowns == []
+    assert ctrl.ledger.interruptions == {} and ctrl.responder.restarts == 0 and ctrl.verdicts == []
+    assert fleet.warmed[-1] == ([], ["host-1", "host-2", "host-3"])  # its warm standby is let go of
+    assert ctrl.records.flush(2)
+    assert {h.host: h.state for h in ctrl.store.hosts()}["host-4"] == HostState.QUARANTINED
+    assert [(i.host, i.kind, i.cause) for i in ctrl.store.incidents()] == [("host-4", "failure", "faulty_gpu")]
+    ctrl.report(AgentReport(Heartbeat("host-4", clock(), 3), (dataclasses.replace(xid, time=clock() + 1),)))
+    assert ctrl.responder.lemons.failures["host-4"] == 1  # out already: counted once
 
 
 def test_a_software_exception_restarts_on_the_same_hosts(make):
@@ -389,10 +271,12 @@ def test_a_host_whose_agent_falls_silent_is_taken_out(make):
 def test_operator_restart_quarantine_return_and_stop(make):
     ctrl, fleet, clock = running(make)
     ctrl.request_restart("new data mix")
-    assert ctrl.tick() and isinstance(ctrl.state, Running)  # acted on and placed again in the same pass
-    assert ctrl.ledger.interruptions[0].planned and ctrl.attempt == 1 and len(fleet.groups) == 2
+    assert ctrl.tick() and isinstance(ctrl.state, Scheduling)  # the operator's move is a transition of its own
+    assert ctrl.ledger.interruptions[0].planned and ctrl.attempt == 1 and len(fleet.groups) == 1
     assert fleet.groups[0].shutdowns == [tuple(HOSTS[:3])]
+    assert ctrl.tick() and isinstance(ctrl.state, Running) and len(fleet.groups) == 2
     ctrl.quarantine("host-2", "bad fan")  # a host of the job: it is restarted without it
+    assert ctrl.tick() and isinstance(ctrl.state, Scheduling)
     assert ctrl.tick() and isinstance(ctrl.state, Running)
     assert "host-2" not in fleet.groups[-1].hosts and ctrl.attempt == 2
     fleet.problems["host-2"] = ["GPU 0 temperature 95 C"]

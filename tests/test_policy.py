@@ -1,3 +1,5 @@
+import math
+
 from herdsman.config import ControllerConfig
 from herdsman.events import HostState, Verdict
 from herdsman.taxonomy import Action, RootCause
@@ -91,3 +93,29 @@ def test_lemon_host_is_found_in_its_window_only():
     assert lemon.implicate(Verdict(RootCause.SOFTWARE_BUG, 0.8, ("h1",)), 91.0) == []  # not the host's fault
     spaced = LemonDetector(window_s=100.0, threshold=3)
     assert [spaced.implicate(unknown, t) for t in (0.0, 150.0, 300.0)] == [[], [], []]
+
+
+def test_lemon_evidence_flags_at_99_to_1_odds_not_9_to_1():
+    """A flag sends a host to RMA: 9:1 odds let one flag in ten be a healthy host (2-3 per simulated run)."""
+    from orchestrator.policy import LemonDetector
+
+    def three_failures(**kw):
+        d = LemonDetector(window_s=100.0, threshold=100, **kw)  # the count rule out of the way
+        for i in range(100):
+            d.enroll(f"h{i}", 0.0)
+        gpu = Verdict(RootCause.FAULTY_GPU, 0.9, ("h0",))
+        return [d.implicate(gpu, t) for t in (86400.0, 86500.0, 86600.0)], d
+
+    flags, d = three_failures()
+    posterior_log_odds = d.score("h0", 86600.0) - math.log(49)  # the prior: 2 lemons in 100 hosts
+    assert flags == [[], [], []] and math.log(9) < posterior_log_odds < math.log(99)
+    assert three_failures(odds=9.0)[0][-1] == ["h0"]  # enough for 9:1, not for 99:1
+    assert [d.implicate(Verdict(RootCause.FAULTY_GPU, 0.9, ("h0",)), 86700.0)] == [["h0"]]  # a fourth is
+
+
+def test_a_switch_that_fails_under_several_hosts_is_not_their_record():
+    from orchestrator.policy import LemonDetector
+    d = LemonDetector(window_s=100.0, threshold=1)
+    assert d.implicate(Verdict(RootCause.NETWORK_SWITCH_CABLE, 0.8, ("h1", "h2", "h3")), 0.0) == []
+    assert d.failures == {}
+    assert d.implicate(Verdict(RootCause.NETWORK_SWITCH_CABLE, 0.8, ("h1",)), 1.0) == ["h1"]  # its own cable

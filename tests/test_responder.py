@@ -3,7 +3,7 @@
 import pytest
 
 from herdsman.config import ControllerConfig, load_config
-from herdsman.events import HostState, TrainerPhase, Verdict
+from herdsman.events import AgentReport, Evidence, EvidenceKind, Heartbeat, HostState, Severity, TrainerPhase, Verdict
 from herdsman.taxonomy import Action, RootCause
 from orchestrator import controller as controller_module
 from orchestrator.controller import Controller
@@ -11,12 +11,15 @@ from orchestrator.policy import HostPool
 from orchestrator.responder import FailureResponder
 from orchestrator.simulate import Simulation, profile
 from orchestrator.states import BackingOff, Running, Stopped
-from tests.test_controller import Clock, FakeFleet, event, heartbeat_all
+from tests.controller_fakes import Clock, FakeFleet, event, heartbeat_all
 
-# (cause, index of the blamed host in the placement or None, evidence, did the failed attempt commit a checkpoint)
+SPARE = "spare"  # the failure strikes an idle spare, not the job
+# (cause, index of the blamed host in the placement or None or SPARE, evidence, did the failed attempt commit a
+# checkpoint)
 SEQUENCE = [
     (RootCause.SOFTWARE_BUG, 0, "ValueError: a", True),
     (RootCause.FAULTY_GPU, 1, "Xid 79", False),
+    (RootCause.FAULTY_GPU, SPARE, "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", False),
     (RootCause.SOFTWARE_BUG, 0, "KeyError: b", False),
     (RootCause.UNKNOWN, 2, "rank 2 exited with signal 9", True),
     (RootCause.NETWORK_SWITCH_CABLE, None, "NCCL WARN NET/IB : Got completion with error 12", False),
@@ -34,17 +37,27 @@ def verdict(cause, blamed, evidence, placement):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Every response the shared responder gives, with the blamed hosts as positions in the placement."""
+    """Every response the shared responder gives, to failures of the job and of idle spares, hosts counted."""
     seen = []
-    real = FailureResponder.respond
+    real, real_spare = FailureResponder.respond, FailureResponder.spare_failed
 
     def respond(self, v, progressed, pool, now):
         r = real(self, v, progressed, pool, now)
-        seen.append((v.cause, progressed, r.action, r.backoff_s, len(r.evict), len(r.lemons), len(r.suspect)))
+        seen.append(("job", v.cause, progressed, r.action, r.backoff_s, len(r.evict), len(r.lemons), len(r.suspect)))
+        return r
+
+    def spare_failed(self, host, v, pool, now):
+        r = real_spare(self, host, v, pool, now)
+        seen.append((SPARE, v.cause, None, r.action, r.backoff_s, len(r.evict), len(r.lemons), len(r.suspect)))
         return r
 
     monkeypatch.setattr(FailureResponder, "respond", respond)
+    monkeypatch.setattr(FailureResponder, "spare_failed", spare_failed)
     return seen
+
+
+def idle_spare(pool, in_job):
+    return sorted(h for h in pool.usable() if pool.state(h) == HostState.SPARE and h not in in_job)[0]
 
 
 def through_the_controller(tmp_path, monkeypatch):
@@ -64,6 +77,13 @@ def through_the_controller(tmp_path, monkeypatch):
                 ctrl.tick()
             assert isinstance(ctrl.state, Running)
             group = fleet.groups[-1]
+            if blamed == SPARE:  # its agent reports the fault; the controller diagnoses it from that evidence
+                h, attempt = idle_spare(ctrl.pool, group.hosts), ctrl.attempt
+                xid = Evidence(h, EvidenceKind.GPU_XID, clock(), evidence, Severity.CRITICAL, gpu=0, code=79)
+                ctrl.report(AgentReport(Heartbeat(h, clock(), 1), (xid,)))
+                ctrl.tick()
+                assert isinstance(ctrl.state, Running) and ctrl.attempt == attempt
+                continue
             event(ctrl, clock, TrainerPhase.RESTORED, ctrl.attempt, step)
             if progressed:
                 step += 5
@@ -86,6 +106,12 @@ def through_the_simulator(monkeypatch):
     sim._place([], 0.0)
     up_at = 0.0
     for cause, blamed, evidence, progressed in SEQUENCE:
+        if blamed == SPARE:
+            h = idle_spare(sim.pool, sim.active)
+            v = Verdict(cause, 1.0, (h,), (), (evidence,), cause.facts.action, "test")
+            monkeypatch.setattr(sim, "_diagnose", lambda c, hosts, v=v: v)
+            sim._spare_failure(up_at + 1.0, cause, h)
+            continue
         v = verdict(cause, blamed, evidence, sim.active)
         monkeypatch.setattr(sim, "_diagnose", lambda c, h, v=v: v)
         t = up_at + (sim.interval_s + sim.cfg.checkpoint_stall_s + 1 if progressed else 1.0)
@@ -101,15 +127,18 @@ def test_the_same_verdicts_get_the_same_decisions_in_the_controller_and_the_simu
     in_simulator = list(spy)
     assert len(in_controller) == len(SEQUENCE)
     assert in_controller == in_simulator
-    actions = [a for _, _, a, *_ in in_controller]
+    assert in_controller[2] == (SPARE, RootCause.FAULTY_GPU, None, Action.EVICT, 0.0, 1, 0, 0)
+    actions = [a for _, _, _, a, *_ in in_controller]
     assert actions[1] == Action.EVICT and actions[-1] == Action.STOP and Action.RESTART in actions
     backoffs = [b for *_, b, _, _, _ in in_controller]
-    assert backoffs[0] == 0.0 and backoffs[2] > 0  # the second failure in a row without progress backs off
+    # the second failure of the job in a row without progress backs off (the spare's between them is not the job's)
+    assert backoffs[0] == 0.0 and backoffs[3] > 0
     assert isinstance(ctrl.state, Stopped) and sim.result.interruptions[-1].action == Action.STOP
-    # both suspect the host of the unexplained failure and quarantine the faulty GPU's host
+    assert len(sim.result.interruptions) == len(SEQUENCE) - 1 and sim.result.spare_failures == 1
+    # both suspect the host of the unexplained failure and quarantine the faulty GPU's host and the failed spare
     assert sum(s for *_, s in in_controller) == 1
-    assert sorted(s.state for s in ctrl.pool.status.values()).count(HostState.QUARANTINED) == 1
-    assert sorted(s.state for s in sim.pool.status.values()).count(HostState.QUARANTINED) == 1
+    assert sorted(s.state for s in ctrl.pool.status.values()).count(HostState.QUARANTINED) == 2
+    assert sorted(s.state for s in sim.pool.status.values()).count(HostState.QUARANTINED) == 2
 
 
 def test_progress_resets_the_backoff_and_a_drain_is_not_a_restart():

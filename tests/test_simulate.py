@@ -91,13 +91,24 @@ def test_lemon_detection_finds_lemons_without_taking_healthy_hosts(llama3_runs):
     recall = statistics.mean(r.lemon_recall for r in llama3_runs)
     precision = statistics.mean(r.lemon_precision for r in llama3_runs)
     assert recall >= 0.8 and precision >= 0.9, (recall, precision)
-    assert statistics.mean(r.healthy_flagged for r in llama3_runs) <= 3
+    assert statistics.mean(r.healthy_flagged for r in llama3_runs) <= 0.5  # flagged at 99:1 odds, not 9:1
     # without its precursors and the fleet's history the same detector finds far fewer: both carry weight
     blind = simulate(profile("llama3", seed=0, precursor_per_day=0.0, history_days=0.0))
     assert blind.lemon_recall < recall - 0.2
     # lemons that stay in service keep failing: more interruptions with the detector off
     off = simulate(profile("llama3", seed=0, lemon_threshold=10_000, lemon_precursor_factor=1.0, history_days=0.0))
     assert len(off.unexpected) > statistics.mean(len(r.unexpected) for r in llama3_runs)
+
+
+def test_lemon_detection_under_the_measured_diagnosis_takes_out_broken_hosts_not_healthy_ones():
+    """Wrong verdicts leave faults in service (silent data corruption called `unknown`) to fail again: the count
+    rule takes such a host out. It was broken, so not a false alarm, but it was no lemon either."""
+    runs = [simulate(profile("llama3", seed=s, diagnosis="measured")) for s in range(4)]
+    assert statistics.mean(r.lemon_recall for r in runs) >= 0.8
+    assert statistics.mean(r.removal_precision for r in runs) >= 0.95
+    assert statistics.mean(r.healthy_flagged for r in runs) <= 0.5
+    assert sum(r.faulty_flagged for r in runs) > 0  # what the seeded-lemon precision counts against the detector
+    assert statistics.mean(r.lemon_precision for r in runs) >= 0.85
 
 
 def test_wrong_verdicts_cost_what_they_cost_in_the_policy():

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from herdsman.events import (Evidence, EvidenceKind, Interruption, Severity, StepStats, Verdict, to_dict,
-                             verdict_from_dict)
+from herdsman.events import (IB_LINK_DOWNED, Evidence, EvidenceKind, Interruption, Reason, Severity, StepStats,
+                             Verdict, to_dict, verdict_from_dict)
 from herdsman.taxonomy import FACTS, TABLE5_UNEXPECTED, Action, RootCause
 from herdsman.xid import XIDS
 
@@ -57,3 +57,15 @@ def test_interruption_time_split():
                       restarted_at=105.0, resumed_at=106.0, last_step=20, resumed_step=15, lost_work_s=2.0)
     assert (it.detection_s, it.restart_s, it.restore_s, it.lost_steps) == (1.5, 3.5, 1.0, 5)
     assert StepStats(0, "h", 0, 1, 0.0, 0.5, 100, 1.0).tokens_per_s == 200
+
+
+def test_the_link_down_counter_is_one_name_for_the_agent_and_the_diagnosis():
+    from agents.host import IB_COUNTERS
+    from orchestrator.diagnose import candidate
+
+    assert IB_LINK_DOWNED in IB_COUNTERS
+    rise = Evidence("h1", EvidenceKind.HOST_LOG, 1.0, f"InfinibandErrors: mlx5_0/1 {IB_LINK_DOWNED} +1",
+                    Severity.WARNING, attrs={"reason": Reason.IB_ERRORS.value, "counter": IB_LINK_DOWNED})
+    assert candidate(rise)[0] == RootCause.NIC
+    other = dataclasses.replace(rise, attrs={**rise.attrs, "counter": "symbol_error"})  # errors on a link still up
+    assert candidate(other) is None
