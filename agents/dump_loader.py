@@ -188,13 +188,27 @@ class _DataOnlyUnpickler(pickle._Unpickler):
 def _read(path: Path) -> bytes:
     try:
         too_big = path.stat().st_size > MAX_DUMP_BYTES
-        with path.open("rb") as f:
-            data = b"" if too_big else f.read(MAX_DUMP_BYTES + 1)  # bounded: it may have grown since stat()
+        with path.open("rb", buffering=0) as f:
+            data = b"" if too_big else _read_at_most(f, MAX_DUMP_BYTES + 1)  # it may have grown since stat()
     except OSError as e:
         raise DumpRefused(f"cannot read it: {e.strerror or type(e).__name__}") from None
     if too_big or len(data) > MAX_DUMP_BYTES:
         raise DumpRefused(f"it is more than {MAX_DUMP_BYTES:,} bytes, more than a flight-recorder dump can be")
     return data
+
+
+def _read_at_most(f: Any, limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to `limit` bytes, read a chunk at a time: f.read(limit) would allocate `limit` bytes (256 MiB) up front
+    for every dump, however small."""
+    parts: list[bytes] = []
+    total = 0
+    while total < limit:
+        part = f.read(min(chunk, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def _decode(data: bytes, deadline: float) -> Any:

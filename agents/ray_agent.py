@@ -8,8 +8,9 @@ import time
 import ray
 
 from herdsman import RAY_NAMESPACE, controller_name, wire
-from herdsman.config import HerdsmanConfig
+from herdsman.config import HerdsmanConfig, config_secrets
 from herdsman.events import AgentReport
+from herdsman.secrets import protect_process_logs
 from agents.agent import NodeAgent
 
 log = logging.getLogger("herdsman.agent")
@@ -25,6 +26,7 @@ class AgentService:
     `agent.samples_every_s`, and with any evidence; Prometheus scrapes every reading from the agent itself."""
 
     def __init__(self, host: str, config: HerdsmanConfig):
+        protect_process_logs(config_secrets(config))  # this process's logs hide the token and the store password
         self._target = None
         self._via_relay = False
         self._job = ""

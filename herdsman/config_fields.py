@@ -21,6 +21,11 @@ class ConfigError(HerdsmanError):
 
 _INT64 = (-(2**63), 2**63 - 1)
 
+MAX_DURATION_S = 1e7
+"""The longest duration (a `*_s` field) any section accepts: about 115 days. Durations end up in Event.wait and
+time.sleep, which raise OverflowError beyond threading.TIMEOUT_MAX (about 292 years); nothing Herdsman waits for or
+models needs more than a few weeks."""
+
 
 def _f(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
        lt: float | None = None, choices: tuple[str, ...] | None = None, secret: str | None = None) -> Any:
@@ -92,6 +97,8 @@ def _validate(obj: Any, section: str) -> None:
                 bounds = {"ge": 0}
             if not _within(value, bounds):
                 raise ConfigError(f"{key} = {_show(value, secret)} must be {_describe(bounds)}")
+            if f.name.endswith("_s") and value > MAX_DURATION_S:  # a duration: a sane upper bound as well
+                raise ConfigError(f"{key} = {_show(value, secret)} must be <= {MAX_DURATION_S:g} s (about 115 days)")
 
 
 def _within(v: float, bounds: dict[str, float]) -> bool:

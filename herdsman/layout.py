@@ -79,5 +79,7 @@ def checkpoint_dir(run_dir: str | Path, job: str) -> Path:
 
 
 def store_spool(run_dir: str | Path, job: str) -> Path:
-    """Records the controller could not write before it stopped (the store was down); the next one writes them."""
+    """Records the controller could not write before it stopped (the store was down); the next one writes them.
+    Beside it, `<spool>.journal` (store-spool.journal): every record queued and not yet written, kept durable while
+    the controller runs, so that one killed outright loses nothing either (orchestrator/store_writer.py)."""
     return Path(run_dir).resolve() / f"{job}.store-spool.jsonl"

@@ -5,6 +5,8 @@
     write_private(path, text)    a file readable by its owner only, from the moment it exists (mode 0600)
     RedactingFilter              a logging.Filter that applies redact_text to every record it sees
     install_log_redaction(...)   puts one RedactingFilter on every handler of a logger (the root by default)
+    protect_process_logs(...)    the same for a whole process nobody configured logging in (a Ray actor)
+    url_password(url)            the password a URL carries ("" if none), to hide it where it appears alone
 
 Standard library only. Redaction errs on the side of hiding too much: in `scheme://user:secret@host`, everything
 between the first ':' of the user part and the last '@' of the (whitespace-free) token is the password.
@@ -55,6 +57,13 @@ def redact_url(url: str) -> str:
     if "://" not in text:  # user:password@host/db without a scheme
         text = _SCHEMELESS.sub(_mask_url_password, text)
     return _KEY_VALUE.sub(_mask_value, _URL_PASSWORD.sub(_mask_url_password, text))
+
+
+def url_password(url: str) -> str:
+    """The password in `url` (`scheme://user:password@host...`), or "" if it holds none."""
+    text = url if isinstance(url, str) else str(url)
+    m = _URL_PASSWORD.search(text) if "://" in text else _SCHEMELESS.search(text)
+    return m["password"] if m else ""
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
@@ -159,4 +168,23 @@ def install_log_redaction(logger: logging.Logger | None = None, secrets: Iterabl
     for h in logger.handlers:
         if flt not in h.filters:
             h.addFilter(flt)
+    return flt
+
+
+def protect_process_logs(secrets: Iterable[str] = ()) -> RedactingFilter:
+    """Redaction for a whole process whose logging nobody else configures (the controller's and the agents' Ray
+    actors): one RedactingFilter, knowing `secrets`, on every handler of the root logger and of every other logger
+    that has handlers of its own (uvicorn's, Ray's). A root logger without handlers would hand records to
+    logging.lastResort, which no filter reaches, so it first gets a stderr handler at lastResort's level (WARNING).
+    Idempotent: call it again with secrets learned later or after more handlers were made."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    flt = install_log_redaction(root, secrets)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            install_log_redaction(logger, flt=flt)
     return flt

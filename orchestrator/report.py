@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from tabulate import tabulate
 
 from herdsman.events import TIME_SPLIT, Interruption
+from herdsman.secrets import redact_url
 from herdsman.taxonomy import RootCause
 from orchestrator.store import JobRecord, Store
 
@@ -56,7 +57,7 @@ def summarize(store: Store, job: str) -> Summary:
         from herdsman import HerdsmanError
 
         known = ", ".join(j.name for j in store.jobs()) or "none"
-        raise HerdsmanError(f"no job named {job!r} in {store.url} (jobs: {known})")
+        raise HerdsmanError(f"no job named {job!r} in {redact_url(store.url)} (jobs: {known})")
     its = store.interruptions(job)
     split = stored_split(rec.accounts)
     if split is not None:  # the controller's time accounts as of its last write (the job's end, once it ended)

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import threading
 import tomllib
 import typing
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from herdsman.config import ConfigError, HerdsmanConfig, from_dict, load_config, to_toml
+from tests.bounds import bounded
 
 
 def test_defaults_run_on_a_laptop():
@@ -117,6 +119,10 @@ BAD = [
     ("[simulate]\ndays = " + "9" * 400 + "\n", "simulate.days = <1329-bit integer> is too large for a float"),
     ("[trainer]\nsteps = " + "9" * 30 + "\n", "trainer.steps = <100-bit integer> does not fit in 64 bits"),
     ("[store]\nurl = \"herdsman.db\"\n", "store.url = 'herdsman.db' is not an SQLAlchemy URL"),
+    # huge finite durations: Event.wait(1e10) raises OverflowError (beyond threading.TIMEOUT_MAX)
+    ("[controller]\npoll_interval_s = 1e10\n", "controller.poll_interval_s = 10000000000.0 must be <= 1e+07 s"),
+    ("[agent]\ninterval_s = 1e10\n", "agent.interval_s = 10000000000.0 must be <= 1e+07 s"),
+    ("[trainer]\nstep_delay_s = 1e308\n", "trainer.step_delay_s = 1e+308 must be <= 1e+07 s"),
 ]
 
 
@@ -139,6 +145,7 @@ GOOD_EDGES = [
     {"job": "a"}, {"job": "Llama3_405B.run-2"}, {"job": "j" * 64},
     {"store": {"url": "postgresql+psycopg://u:pw@db:5432/herdsman"}},
     {"simulate": {"restore_memory_s": 0, "human_response_s": 0, "failure_scale": 0}},
+    {"controller": {"lemon_window_s": 1e7, "drain_timeout_s": 1e7}, "simulate": {"lemon_repair_s": 1e7}},
 ]
 
 
@@ -266,6 +273,18 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 FIELD_TYPES = {(name, f.name): typing.get_type_hints(t)[f.name]
                for name, t in _HINTS.items() if dataclasses.is_dataclass(t) for f in dataclasses.fields(t)}
 FIELD_TYPES.update({("", k): _HINTS[k] for k in TOP_KEYS})
+
+DURATIONS = sorted((section, name) for (section, name), typ in FIELD_TYPES.items()
+                   if typ is float and name.endswith("_s"))
+
+
+@pytest.mark.parametrize("section, name", DURATIONS, ids=[f"{s}.{n}" for s, n in DURATIONS])
+def test_every_duration_has_an_upper_bound(section, name):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={section: {name: 1e10}})
+    assert str(e.value) == f"{section}.{name} = 10000000000.0 must be <= 1e+07 s (about 115 days)"
+
+
 TYPED = {int: st.one_of(st.integers(-2, 70000), st.integers()), bool: st.booleans(), str: nasty_strings,
          float: st.one_of(st.floats(-1, 1e6), st.floats(allow_nan=True, allow_infinity=True))}
 
@@ -307,7 +326,8 @@ def config_documents(draw) -> str:
 
 def load_or_config_error(path):
     try:
-        cfg = load_config(path)
+        with bounded("config file", seconds=1.0, mib=16):
+            cfg = load_config(path)
     except ConfigError as e:
         assert "\n" not in str(e), str(e)
         return None
@@ -322,7 +342,9 @@ def test_any_toml_document_loads_or_is_a_config_error(tmp_path, doc):
     p = tmp_path / "fuzz.toml"
     p.write_text(doc, encoding="utf-8")
     cfg = load_or_config_error(p)
-    if cfg is not None:  # what loads is written back as TOML that loads to the same configuration
+    if cfg is not None:  # every duration it loads can be waited for; written back, it loads the same
+        for section, name in DURATIONS:
+            assert 0 <= getattr(getattr(cfg, section), name) <= threading.TIMEOUT_MAX
         p.write_text(to_toml(cfg, redact=False), encoding="utf-8")
         assert load_config(p) == cfg
 
@@ -333,3 +355,31 @@ def test_any_bytes_load_or_are_a_config_error(tmp_path, data):
     p = tmp_path / "fuzz.toml"
     p.write_bytes(data)
     load_or_config_error(p)
+
+
+def test_the_control_loop_survives_a_poll_interval_beyond_what_a_wait_takes(tmp_path):
+    """Defence in depth behind the bound: a configuration built around the checks (object.__setattr__ on the frozen
+    section) must not end the control thread with OverflowError in Event.wait."""
+    from orchestrator.controller import Controller
+    from orchestrator.store import Store
+    from tests.test_controller import Clock, FakeFleet
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "job": "unit"})
+    object.__setattr__(cfg.controller, "poll_interval_s", 1e10)
+    clock = Clock()
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    ctrl = Controller(cfg, store=store, fleet=FakeFleet(clock), clock=clock)
+    try:
+        ctrl.start()
+        for _ in range(40):  # the loop reaches a waiting state at once (no agent has reported yet)
+            if not ctrl._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        assert ctrl._thread.is_alive(), "the control thread died"
+    finally:
+        ctrl._stop.set()
+        ctrl._wake.set()
+        ctrl._thread.join(timeout=10)
+        ctrl.records.close(timeout_s=1)
+        store.close()
+    assert not ctrl._thread.is_alive()

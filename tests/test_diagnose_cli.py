@@ -1,13 +1,17 @@
 """`herdsman diagnose` on a realistic evidence file per Table 5 category (tests/fixtures/diagnose/<cause>.log)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from herdsman.taxonomy import RootCause
+from tests.test_evidence import mutated_excerpts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "diagnose"
 
@@ -70,3 +74,55 @@ def test_human_output_names_action_and_runbook():
 def test_missing_file_is_one_clear_error():
     r = run("/no/such/file.log")
     assert r.returncode == 2 and r.stderr.strip() == "herdsman: error: cannot read /no/such/file.log: No such file or directory"
+
+
+# --- fuzzing the command itself, in process ------------------------------------------------------------------------
+
+CAUSES = {c.value for c in RootCause}
+HUMAN_HEAD = re.compile(r"([a-z0-9_]+) \([^()\n]+, [^()\n]+\) confidence [01]\.\d\d")
+
+
+@st.composite
+def evidence_files(draw) -> bytes:
+    """Random bytes, or a damaged real log (tests/test_evidence.py), sometimes not valid UTF-8."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=4096))
+    data = draw(mutated_excerpts()).encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):  # a few bytes overwritten: broken UTF-8 and control bytes
+        data = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            if data:
+                data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        data = bytes(data)
+    return data
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=evidence_files(), as_json=st.booleans(), where=st.sampled_from(["file"] * 8 + ["missing", "directory"]))
+def test_diagnose_on_any_input_is_one_verdict_or_one_error_never_a_traceback(tmp_path, data, as_json, where):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    path = {"file": tmp_path / "evidence.log", "missing": tmp_path / "missing.log", "directory": tmp_path}[where]
+    (tmp_path / "evidence.log").write_bytes(data)
+    r = CliRunner().invoke(main, ["diagnose", *(["--json"] if as_json else []), str(path)])
+    assert r.exit_code in (0, 2), (r.exit_code, r.output[-3000:])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.stderr  # (stdout may quote one: evidence lines come from the input)
+    if r.exit_code == 2:  # one clear error line, nothing on stdout
+        assert where != "file" and r.stdout == ""
+        assert r.stderr.startswith(f"herdsman: error: cannot read {path}: ") and r.stderr.count("\n") == 1
+        return
+    assert where == "file" and r.stderr == ""
+    if as_json:  # exactly one JSON object
+        assert r.stdout.count("\n") == 1
+        v = json.loads(r.stdout)
+        assert v["category"] in CAUSES and 0.0 <= v["confidence"] <= 1.0
+    else:  # one verdict: its head line, then its hosts, action and reasons
+        head, *rest = r.stdout.removesuffix("\n").split("\n")  # (a line of the input may hold \r, \v, \x85...)
+        m = HUMAN_HEAD.fullmatch(head)
+        assert m and m[1] in CAUSES, head
+        assert rest[0].startswith("  hosts: ") and rest[1].startswith("  action: ") and rest[2].startswith("  why: ")
+        assert all(line.startswith(("  evidence: ", "  also considered: ")) for line in rest[3:]), rest

@@ -2,6 +2,7 @@
 same text through the agent, the controller and `herdsman diagnose`, and the score on the public corpus."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from herdsman.events import RankFailure
 from herdsman.taxonomy import RootCause
 from orchestrator.diagnose import Failure, diagnose
 from orchestrator.diagnose_eval import evaluate, load_corpus, verdict_of_text
+from tests.bounds import bounded
 
 CORPUS = sorted(str(p) for p in (Path(__file__).parent / "corpus").glob("*.jsonl"))
 
@@ -184,8 +186,57 @@ def test_bad_input_gives_a_verdict_never_a_traceback(tmp_path):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.text(max_size=200), max_size=30))
 def test_no_text_crashes_the_engine_or_diagnosis(lines):
-    s = scan(lines)
-    diagnose(Failure(0.0, tuple(s.failures), tuple(s.hosts)), s.evidence)
+    with bounded("evidence text (random)", seconds=2.0, mib=64):
+        s = scan(lines)
+        diagnose(Failure(0.0, tuple(s.failures), tuple(s.hosts)), s.evidence)
+
+
+EXCERPTS = [it["text"] for it in load_corpus(CORPUS)]
+HUGE_NUMBERS = ["9" * 5000, "1" * 400, str(2**64), str(2**63), "-1", "0" * 300, "1e999", "0x" + "f" * 200, "NaN"]
+
+
+@st.composite
+def mutated_excerpts(draw) -> str:
+    """A real excerpt of the public corpus (tests/corpus/*.jsonl), mutated as logs get damaged and interleaved: lines
+    of another excerpt spliced in, lines repeated, numbers made huge, NULs inserted, lines and the text cut short."""
+    lines = draw(st.sampled_from(EXCERPTS)).splitlines() or [""]
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(lines) - 1)) if lines else 0
+        how = draw(st.sampled_from(["splice", "duplicate", "number", "nul", "cut_line", "truncate", "stretch"]))
+        if how == "splice":
+            other = draw(st.sampled_from(EXCERPTS)).splitlines()
+            a = draw(st.integers(0, len(other)))
+            lines[i:i] = other[a:a + draw(st.integers(1, 20))]
+        elif how == "duplicate" and lines:
+            lines[i:i] = [lines[i]] * draw(st.integers(1, 300))
+        elif how == "number" and lines:
+            digits = list(re.finditer(r"\d+", lines[i]))
+            huge = draw(st.sampled_from(HUGE_NUMBERS))
+            if digits:
+                m = draw(st.sampled_from(digits))
+                lines[i] = lines[i][:m.start()] + huge + lines[i][m.end():]
+            else:
+                lines[i] += " " + huge
+        elif how == "nul" and lines:
+            at = draw(st.integers(0, len(lines[i])))
+            lines[i] = lines[i][:at] + "\x00" * draw(st.integers(1, 64)) + lines[i][at:]
+        elif how == "cut_line" and lines:
+            lines[i] = lines[i][:draw(st.integers(0, len(lines[i])))]
+        elif how == "stretch" and lines:  # one line made long (up to ~50x, within the engine's line bound)
+            lines[i] = lines[i] * draw(st.integers(2, 50))
+        elif how == "truncate":
+            text = "\n".join(lines)
+            lines = text[:draw(st.integers(0, len(text)))].splitlines()
+    return "\n".join(lines)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutated_excerpts())
+def test_damaged_real_logs_give_a_verdict_within_bounds(text):
+    with bounded("evidence text (mutated corpus)", seconds=2.0, mib=64):
+        v = verdict_of_text(text)
+    assert isinstance(v.cause, RootCause) and 0.0 <= v.confidence <= 1.0
+    assert all(isinstance(line, str) for line in (*v.evidence, *v.alternatives, v.reason))
 
 
 def test_the_prefilter_never_changes_a_verdict():

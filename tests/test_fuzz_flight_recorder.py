@@ -1,19 +1,21 @@
 """Property: whatever bytes sit in a flight-recorder directory, loading, summarising and analysing them gives a
 result or a DumpRefused, never another exception, and quickly. Inputs: random JSON-able structures shaped like
 dumps, pickles of random plain data (shared references and all protocols included), soups of real pickle opcodes
-(memo sharing, cycles, calls, hash bombs), random bytes, and real-shaped dumps with random mutations."""
+(memo sharing, cycles, calls, hash bombs), random bytes, and real-shaped dumps with random mutations. Each example
+is bounded in time and memory (tests/bounds.py): 2 s and 64 MiB per dump."""
 
 import json
 import pickle
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.flight_recorder import DumpRefused, analyse, collect, load_dump, summarize
+from tests.bounds import bounded
 
-PER_EXAMPLE_S = 2.0
+PER_EXAMPLE_S = 2.0  # per dump in an example, loaded twice (load_dump, collect) and analysed
+PER_EXAMPLE_MIB = 64
 fuzz = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -30,21 +32,20 @@ def check(directory, blobs: list[bytes]) -> None:
     paths = [directory / f"rank{r:05d}-attempt0000.pkl" for r in range(len(blobs))]
     for p, b in zip(paths, blobs):
         p.write_bytes(b)
-    t = time.perf_counter()
-    summaries = []
-    for rank, p in enumerate(paths):
-        try:
-            dump = load_dump(p)
-        except DumpRefused as e:
-            assert str(e).startswith(f"dump from rank {rank} refused: {p}: ") and len(str(e)) < 1000
-            continue
-        summaries.append(summarize(rank, dump))
-    lines = analyse(summaries, world_size=len(blobs) + 1).lines()
-    assert lines and all(isinstance(line, str) and len(line) < 10_000 for line in lines)
-    got, refused = collect([directory])
-    assert len(got) + len(refused) == len(blobs)
-    analyse(got, len(blobs), refused).lines()
-    assert time.perf_counter() - t < PER_EXAMPLE_S * len(blobs)
+    with bounded("flight-recorder dump", PER_EXAMPLE_S * len(blobs), PER_EXAMPLE_MIB * len(blobs)):
+        summaries = []
+        for rank, p in enumerate(paths):
+            try:
+                dump = load_dump(p)
+            except DumpRefused as e:
+                assert str(e).startswith(f"dump from rank {rank} refused: {p}: ") and len(str(e)) < 1000
+                continue
+            summaries.append(summarize(rank, dump))
+        lines = analyse(summaries, world_size=len(blobs) + 1).lines()
+        assert lines and all(isinstance(line, str) and len(line) < 10_000 for line in lines)
+        got, refused = collect([directory])
+        assert len(got) + len(refused) == len(blobs)
+        analyse(got, len(blobs), refused).lines()
 
 
 # --- JSON -------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from agents.host import HostMonitor, KernelLog, load_rules, match_line
 from herdsman.config import ConfigError
 from herdsman.events import EvidenceKind, Severity
+from tests.bounds import bounded
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RULES = load_rules()
@@ -134,7 +135,8 @@ def test_bad_rules_file_is_a_clear_error(tmp_path):
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(st.text(max_size=300))
 def test_no_kernel_line_crashes_the_rules(line):
-    match_line(RULES, "h1", line, 1.0)
+    with bounded("kernel-log line", seconds=1.0, mib=16):
+        match_line(RULES, "h1", line, 1.0)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
@@ -152,7 +154,8 @@ def test_no_malformed_sysfs_or_log_crashes_the_monitor(tmp_path_factory, counter
     m.cycle()
     with open(log, "ab") as f:
         f.write(log_bytes + b"\n")
-    m.cycle()
+    with bounded("kernel-log tailer and sysfs", seconds=2.0, mib=64):  # a cycle reads up to 4 MiB of log
+        m.cycle()
 
 
 def test_io_errors_on_the_checkpoint_disk_say_so(tmp_path):

@@ -1,5 +1,6 @@
 """Secrets stay out of files, messages and logs: herdsman/secrets.py and the `herdsman` CLI."""
 
+import contextlib
 import io
 import logging
 import os
@@ -241,3 +242,127 @@ def test_cli_errors_from_a_subprocess_hide_the_password(secret_config):
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "--config", str(secret_config)],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "hunter2" not in r.stderr + r.stdout and TOKEN not in r.stderr + r.stdout
+
+
+# --- the controller's and the agents' processes --------------------------------------------------------------------
+
+def test_a_process_without_logging_configured_gets_its_logs_redacted():
+    """A Ray actor's root logger has no handler (records go to logging.lastResort, which no filter reaches)."""
+    import subprocess
+
+    code = ("import logging\nfrom herdsman.secrets import protect_process_logs\n"
+            "assert not logging.getLogger().handlers\n"
+            f"protect_process_logs([{TOKEN!r}])\n"
+            f"logging.getLogger('herdsman.x').warning('store %s token %s', {URL!r}, {TOKEN!r})\n"
+            "logging.getLogger('herdsman.x').info('not shown: lastResort is WARNING too')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "WARNING herdsman.x: store postgresql+psycopg://herdsman:***@127.0.0.1:1/herdsman token ***\n"
+
+
+def test_url_password():
+    from herdsman.secrets import url_password
+
+    assert url_password(URL) == "hunter2" and url_password("u:p@ss@h/d") == "p@ss"
+    assert url_password("sqlite:////tmp/a@b.db") == url_password("postgresql://u@h/d") == url_password("") == ""
+
+
+@contextlib.contextmanager
+def redaction_undone(secret):
+    """Takes off again the redaction filters (those knowing `secret`) a test put on this process's handlers: some of
+    pytest's handlers are put back on the root logger in every later test."""
+    try:
+        yield
+    finally:
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for h in getattr(logger, "handlers", []):
+                for f in [f for f in h.filters if isinstance(f, RedactingFilter) and secret in f.secrets]:
+                    h.removeFilter(f)
+
+
+def _redacting(secret):
+    return any(isinstance(f, RedactingFilter) and secret in f.secrets
+               for h in logging.getLogger().handlers for f in h.filters)
+
+
+def _actor_config(tmp_path, token):
+    return load_config(overrides={"run_dir": str(tmp_path), "api": {"token": token},
+                                  "store": {"url": URL.replace("hunter2", f"pw-{token}")}})
+
+
+def test_the_controller_actor_redacts_its_logs(tmp_path, monkeypatch, caplog):
+    import orchestrator.controller
+    from orchestrator.controller import _RayController
+
+    monkeypatch.setattr(orchestrator.controller.Controller, "__init__", lambda self, config: setattr(
+        self, "recovered", None))  # what the Ray actor runs first, without a cluster behind it
+    token = "controller-actor-token-0123"
+    with redaction_undone(token):
+        assert not _redacting(token)
+        _RayController(_actor_config(tmp_path, token))
+        assert _redacting(token) and _redacting(f"pw-{token}")
+        logging.getLogger("herdsman.controller").error("refused: %s (%s)", token, f"pw-{token}")
+    assert "refused: *** (***)" in caplog.text and token not in caplog.text
+
+
+def test_the_agent_actor_redacts_its_logs(tmp_path, monkeypatch):
+    import agents.ray_agent
+
+    class NoAgent:
+        def __init__(self, host, config, sink):
+            pass
+
+        start_metrics = start = lambda self: None
+
+    monkeypatch.setattr(agents.ray_agent, "NodeAgent", NoAgent)
+    token = "agent-actor-token-0123456"
+    with redaction_undone(token):
+        assert not _redacting(token)
+        agents.ray_agent.AgentService("host-1", _actor_config(tmp_path, token))
+        assert _redacting(token) and _redacting(f"pw-{token}")
+
+
+def test_the_report_of_an_unknown_job_hides_the_store_password():
+    from orchestrator.report import summarize
+
+    class NoJobs:
+        url = URL
+
+        def job(self, name):
+            return None
+
+        def jobs(self):
+            return []
+
+    with pytest.raises(HerdsmanError) as e:
+        summarize(NoJobs(), "nope")
+    assert "hunter2" not in str(e.value) and "herdsman:***@127.0.0.1:1" in str(e.value)
+
+
+def test_the_controller_writes_its_resolved_config_private_and_without_secrets(tmp_path):
+    """The file every rank reads, as the controller itself writes it (the store is injected, so the PostgreSQL URL
+    in the configuration is never connected to: only its text matters here)."""
+    from orchestrator.controller import Controller
+    from orchestrator.store import Store
+    from tests.test_controller import Clock, FakeFleet
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "job": "unit", "api": {"token": TOKEN},
+                                 "store": {"url": URL}})
+    clock, store = Clock(), Store(f"sqlite:///{tmp_path / 'h.db'}")
+    old_umask = os.umask(0o022)
+    try:
+        ctrl = Controller(cfg, store=store, fleet=FakeFleet(clock), clock=clock)
+    finally:
+        os.umask(old_umask)
+    try:
+        path = tmp_path / "run" / "herdsman.resolved.toml"
+        assert ctrl.config_path == path and stat.S_IMODE(path.stat().st_mode) == 0o600
+        text = path.read_text()
+        assert TOKEN not in text and "hunter2" not in text and "herdsman:***@127.0.0.1:1" in text
+        assert load_config(path).trainer == cfg.trainer  # what a rank needs is all there
+        assert ctrl.records.flush(5)
+        stored = store.job("unit").config  # the copy kept with the job's records
+        assert stored and TOKEN not in stored and "hunter2" not in stored
+    finally:
+        ctrl.records.close(timeout_s=1)
+        store.close()
