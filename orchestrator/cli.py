@@ -8,6 +8,7 @@ Nothing it prints gives a secret away: errors (one line, or a traceback for a bu
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -32,9 +33,19 @@ def _redact(text: str) -> str:
     return redact_text(text, _redactor.secrets)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Control characters from outside text (a kernel line, a rank's stderr) shown as escapes: a carriage
+    return or an ANSI sequence in hostile input must not rewrite what the operator's terminal shows."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _echo(message: str = "", **kw: Any) -> None:
-    """click.echo with secrets hidden: for progress lines that may carry URLs."""
-    click.echo(_redact(message), **kw)
+    """click.echo with secrets hidden and control characters escaped: for progress lines that carry outside
+    text (evidence, URLs)."""
+    click.echo(printable(_redact(message)), **kw)
 
 
 def _load_config(path: str | None, overrides: dict[str, Any] | None = None) -> HerdsmanConfig:
@@ -214,14 +225,13 @@ def diagnose(files: tuple[str, ...], as_json: bool, host: str, corpus: tuple[str
                                "alternatives": list(v.alternatives)}))
         return
     f = v.cause.facts
-    click.echo(f"{v.cause.value} ({f.component}, {f.category}) confidence {v.confidence:.2f}")
-    click.echo(f"  hosts: {', '.join(v.hosts) or '-'}   ranks: {', '.join(map(str, v.ranks)) or '-'}")
-    click.echo(f"  action: {v.action.value}{' (pages)' if f.pages else ''}   runbook: runbooks/{v.cause.runbook}")
-    click.echo(f"  why: {v.reason}")
-    for line in v.evidence:
-        click.echo(f"  evidence: {line}")
-    for line in v.alternatives:
-        click.echo(f"  also considered: {line}")
+    out = [f"{v.cause.value} ({f.component}, {f.category}) confidence {v.confidence:.2f}",
+           f"  hosts: {', '.join(v.hosts) or '-'}   ranks: {', '.join(map(str, v.ranks)) or '-'}",
+           f"  action: {v.action.value}{' (pages)' if f.pages else ''}   runbook: runbooks/{v.cause.runbook}",
+           f"  why: {v.reason}", *(f"  evidence: {line}" for line in v.evidence),
+           *(f"  also considered: {line}" for line in v.alternatives)]
+    for line in out:
+        click.echo(printable(line))
 
 
 @main.command("flight-recorder")

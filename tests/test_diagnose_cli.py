@@ -121,8 +121,23 @@ def test_diagnose_on_any_input_is_one_verdict_or_one_error_never_a_traceback(tmp
         v = json.loads(r.stdout)
         assert v["category"] in CAUSES and 0.0 <= v["confidence"] <= 1.0
     else:  # one verdict: its head line, then its hosts, action and reasons
-        head, *rest = r.stdout.removesuffix("\n").split("\n")  # (a line of the input may hold \r, \v, \x85...)
+        # control characters of the input (\r, \v, \x1b, \x85...) are escaped: they cannot rewrite the terminal
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", r.stdout), repr(r.stdout[-3000:])
+        head, *rest = r.stdout.removesuffix("\n").split("\n")
         m = HUMAN_HEAD.fullmatch(head)
         assert m and m[1] in CAUSES, head
         assert rest[0].startswith("  hosts: ") and rest[1].startswith("  action: ") and rest[2].startswith("  why: ")
         assert all(line.startswith(("  evidence: ", "  also considered: ")) for line in rest[3:]), rest
+
+
+def test_a_hostile_line_cannot_rewrite_the_operators_terminal(tmp_path):
+    """An Xid line carrying a carriage return and an ANSI 'clear screen' is shown with both escaped."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    log = tmp_path / "kern.log"
+    log.write_bytes(b"NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus.\r\x1b[2Jall is well\n")
+    r = CliRunner().invoke(main, ["diagnose", str(log)])
+    assert r.exit_code == 0 and r.stdout.startswith("faulty_gpu"), r.stdout
+    assert "\x1b" not in r.stdout and "\r" not in r.stdout and "\\x1b[2J" in r.stdout, repr(r.stdout)
