@@ -50,6 +50,7 @@ _HW_PRIORITY = [RootCause.POWER_SUPPLY, RootCause.IO_EXPANSION_BOARD, RootCause.
                 RootCause.CPU, RootCause.SSD, RootCause.SERVER_CHASSIS, RootCause.GPU_THERMAL_INTERFACE_SENSOR]
 _NETWORK = (RootCause.NETWORK_SWITCH_CABLE, RootCause.NIC)
 _TEXT = [RootCause.DEPENDENCY, RootCause.SOFTWARE_BUG]
+_CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL"}
 
 
 def hardware_cause(e: Evidence) -> RootCause | None:
@@ -120,6 +121,11 @@ def rank_evidence(failures: Sequence[RankFailure]) -> list[Evidence]:
     for r in failures:
         if r.message.strip():
             out += text_evidence(r.message, r.host, r.rank if r.rank >= 0 else None, r.time)
+        if r.signal_name in _CRASH_SIGNALS:  # the process crashed itself: a software fault unless more is known
+            out.append(Evidence(r.host, EvidenceKind.TRAINER_EXIT, r.time, f"rank crashed with {r.signal_name}",
+                                code=r.exit_code, rank=r.rank if r.rank >= 0 else None,
+                                attrs={"cause": RootCause.SOFTWARE_BUG.value, "strength": Strength.SUPPORTS.value,
+                                       "reason": "CrashSignal"}))
     return out
 
 
@@ -150,7 +156,10 @@ def diagnose(failure: Failure, evidence: Sequence[Evidence]) -> Verdict:
     stragglers = [e for e in evidence if e.kind == EvidenceKind.STRAGGLER]
     implicated = [e.host for e in lagging + stragglers] + [r.host for r in failure.ranks]
     first = failure.ranks[0] if failure.ranks else None
-    killed_silently = first is not None and (first.signal_name is not None or not first.message.strip())
+    # Killed from outside (SIGKILL, SIGTERM, ...) with nothing said. A crash signal (SIGSEGV, SIGBUS, SIGABRT, SIGFPE,
+    # SIGILL) is the process's own fault: its text is weighed like any other.
+    killed_silently = first is not None and first.signal_name not in _CRASH_SIGNALS and (
+        first.signal_name is not None or not first.message.strip())
 
     for level in (Strength.DECIDES, Strength.SUPPORTS, Strength.PEER):
         pool = [c for c in cands if c.strength.rank >= level.rank]

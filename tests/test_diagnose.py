@@ -139,3 +139,11 @@ def test_the_rank_that_fails_its_parameter_check_is_blamed_not_its_peers():
     v = diagnose(f, [])
     assert v.cause == RootCause.SILENT_DATA_CORRUPTION and v.hosts == ("h2",) and v.ranks == (1,)
     assert v.action == Action.EVICT and "parameter checksum mismatch on rank 1" in v.evidence[0]
+
+
+def test_a_rank_that_crashed_itself_is_a_software_bug_not_a_silent_kill():
+    crashed = RankFailure(1, "h2", 100.5, -signal.SIGSEGV, "")
+    v = diagnose(Failure(100.0, (crashed, peer(0, "h1")), HOSTS), [])
+    assert v.cause == RootCause.SOFTWARE_BUG and v.confidence < 1.0
+    v = diagnose(Failure(100.0, (crashed,), HOSTS), [xid("h2", 79)])  # hardware evidence still explains a crash
+    assert v.cause == RootCause.FAULTY_GPU

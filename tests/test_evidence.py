@@ -279,3 +279,14 @@ def test_corpus_score_holds():
     s = evaluate(items)
     assert s.accuracy >= 0.90, s.misses
     assert s.accuracy_clear >= 0.95, [m for m in s.misses if not m["ambiguous"]]
+
+
+def test_formats_from_the_second_corpus_round():
+    """Watchdog C++ frames without the summary line, iproute2 `rdma link`, UCX's signal handler."""
+    assert cause_of("frame #1: c10d::ProcessGroupNCCL::WorkNCCL::checkTimeout(std::optional<std::chrono::duration<long, "
+                    "std::ratio<1l, 1000l> > >) + 0x1d2 (0x1554e9e0f8f2 in /x/libtorch_cuda.so)") == "nccl_watchdog_timeout"
+    assert cause_of("link mlx5_7/1 subnet_prefix fe80:0000:0000:0000 lid 3403 sm_lid 1 lmc 0 state DOWN "
+                    "physical_state POLLING") == "nic"
+    assert cause_of("link mlx5_7/1 subnet_prefix fe80:0000:0000:0000 lid 3403 sm_lid 1 lmc 0 state ACTIVE "
+                    "physical_state LINK_UP") == "unknown"
+    assert cause_of("[h:5283 :0:5704] Caught signal 7 (Bus error: nonexistent physical address)") == "software_bug"
