@@ -336,11 +336,13 @@ class Controller(Intake, Operations):
             self._interrupt(v, state.requested_at, state.requested_at, planned=v.cause == RootCause.HOST_MAINTENANCE)
         return Scheduling(self.clock())
 
-    def _handle_failure(self, state: Failing) -> State:
+    def _handle_failure(self, state: Failing, now_: bool = False) -> State:
+        """Diagnose, respond, record; `now_` skips the grace for the other ranks (an operator's stop)."""
         group = state.group
         status = group.poll()
         all_done = all(r.exit_code is not None for r in status.ranks)
-        if not state.hang and self.clock() < state.since + self.cfg.controller.failure_grace_s and not all_done:
+        if not (state.hang or now_) and self.clock() < state.since + self.cfg.controller.failure_grace_s \
+                and not all_done:
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.

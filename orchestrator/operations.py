@@ -12,7 +12,7 @@ from herdsman import HerdsmanError
 from herdsman.events import EvidenceKind, Verdict, to_dict
 from herdsman.taxonomy import Action, RootCause
 from orchestrator.accounts import account
-from orchestrator.states import TERMINAL, Draining, Running, Scheduling, State, Stopped, Stopping
+from orchestrator.states import TERMINAL, Draining, Failing, Running, Scheduling, State, Stopped, Stopping
 
 # why an operator's restart is refused in a state where the job is not training (the loop restarts it anyway)
 _NO_RESTART = {
@@ -170,6 +170,13 @@ class Operations:
             state.group.request_checkpoint(then_exit=True)
             now = self.clock()
             return Stopping(state.group, reason, now, now + self.cfg.controller.drain_timeout_s)
+        if kind in ("stop", "stop-drain") and isinstance(state, Failing):  # the failure happened: on the record
+            self._decide(f"operator stop during a failure: diagnosed and recorded first ({reason})")
+            self._handle_failure(state, now_=True)
+        if kind == "stop" and isinstance(state, Draining):  # its hosts go to their maintenance all the same
+            with self.lock:
+                self.responder.drain(state.verdict, self.pool, self.clock())
+                self._persist_hosts()
         if kind in ("stop", "stop-drain"):  # (stop-drain here: nothing is training, there is nothing to save)
             if group is not None:
                 group.shutdown()

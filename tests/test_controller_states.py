@@ -115,11 +115,17 @@ def test_a_host_quarantined_while_failing_is_left_out_of_the_restart(make):
 
 
 @pytest.mark.parametrize("drain", [False, True])
-def test_an_operator_stop_while_failing_stops_at_once(make, drain):
+def test_an_operator_stop_while_failing_records_the_failure_then_stops(make, drain):
+    """The failure happened whatever the operator wants next: it is diagnosed, its host taken out and the
+    interruption recorded (without the grace for the other ranks); then the job stops, nothing saved first."""
     ctrl, fleet, clock = failing(make)
     ctrl.request_stop("enough", drain=drain)  # nothing trains: there is nothing to save first
     assert ctrl.tick() and isinstance(ctrl.state, Stopped) and "stopped by an operator: enough" in ctrl.state.reason
-    assert fleet.groups[0].shutdowns == [()] and fleet.groups[0].checkpoints == []
+    assert fleet.groups[0].shutdowns[-1] == () and fleet.groups[0].checkpoints == []
+    (it,) = ctrl.ledger.interruptions.values()
+    assert it.verdict.cause == RootCause.FAULTY_GPU and ctrl.pool.state("host-2") == HostState.QUARANTINED
+    assert ctrl.records.flush(2) and [i.verdict.cause for i in ctrl.store.interruptions("unit")] == [
+        RootCause.FAULTY_GPU]
 
 
 # --- ... while it backs off ------------------------------------------------------------------------------------
@@ -166,10 +172,11 @@ def test_an_operator_restart_or_quarantine_while_draining_lets_the_drain_finish(
     assert ctrl.pool.state("host-1") == HostState.QUARANTINED
 
 
-def test_an_operator_stop_while_draining_stops_at_once(make):
+def test_an_operator_stop_while_draining_stops_at_once_and_the_host_still_goes_to_its_maintenance(make):
     ctrl, fleet, clock = draining(make)
     ctrl.request_stop("enough")
     assert ctrl.tick() and isinstance(ctrl.state, Stopped) and fleet.groups[0].shutdowns == [()]
+    assert ctrl.pool.state("host-3") == HostState.QUARANTINED  # the next job is not placed on it
 
 
 def test_a_drained_stop_while_draining_waits_for_the_save_already_asked_for(make):
