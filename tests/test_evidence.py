@@ -290,3 +290,29 @@ def test_formats_from_the_second_corpus_round():
     assert cause_of("link mlx5_7/1 subnet_prefix fe80:0000:0000:0000 lid 3403 sm_lid 1 lmc 0 state ACTIVE "
                     "physical_state LINK_UP") == "unknown"
     assert cause_of("[h:5283 :0:5704] Caught signal 7 (Bus error: nonexistent physical address)") == "software_bug"
+
+
+ROUND3 = Path(__file__).parent / "corpus" / "round3" / "first_look.jsonl"
+
+
+def test_formats_from_the_third_corpus_round():
+    """EFA and libfabric, NVLink in CUDA's words, dcgmi diag tables, LNet over o2ib, the power brake in prose;
+    and NIC driver names only as words ("Panic" is not a NIC, "device" not the ice driver)."""
+    assert cause_of("Kernel Panic!!! *** Fatal error in the device driver") == "unknown"
+    assert cause_of("efa 0000:10:1b.0 efa_0: Failed to process command ALLOC_PD (opcode 14) comp_status 1 "
+                    "err -12") == "nic"
+    assert cause_of("NCCL WARN NET/OFI Couldn't find any optimal provider") == "dependency"
+    assert cause_of("RuntimeError: CUDA error: uncorrectable NVLink error was detected during the execution") == \
+        "faulty_gpu"
+    assert cause_of("| Fail - GPU: 3  | Memory test failed") == "faulty_gpu"
+    assert cause_of("GPU 0000:3b:00.0: asserted hardware power brake") == "power_supply"
+    assert cause_of("    HW Power Brake Slowdown    : Not Active") == "unknown"
+
+
+def test_the_third_rounds_first_look_set_holds_its_score():
+    """25 excerpts kept apart from the gated corpus (tests/corpus/round3/): first look 44 %, 80 % after the format
+    rules; its 5 misses are label calls no documented format settles, and the whole would be 89.5 % with them in."""
+    items = load_corpus([str(ROUND3)])
+    assert len(items) == 25 and not {it["id"] for it in items} & {it["id"] for it in load_corpus(CORPUS)}
+    s = evaluate(items)
+    assert s.accuracy >= 0.8 and s.accuracy_clear == 1.0, s.misses
