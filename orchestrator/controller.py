@@ -399,6 +399,10 @@ class Controller(Intake, Operations):
         if not (fresh and status.finished) and not status.failed and self.clock() < state.deadline:
             return state  # until the ranks have saved and exited
         state.group.shutdown()
+        if state.drained is not None:  # the drain it took over: those hosts go to their maintenance all the same
+            with self.lock:
+                self.responder.drain(state.drained, self.pool, self.clock())
+                self._persist_hosts()
         done = f"after a checkpoint at step {max(fresh)}" if fresh else "without a fresh checkpoint (deadline)"
         self._decide(f"stopped {done}")
         return Stopped(f"stopped by an operator {done}: {state.reason}")

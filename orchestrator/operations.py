@@ -166,7 +166,7 @@ class Operations:
         if kind == "stop-drain" and isinstance(state, (Running, Draining)):
             self._decide(f"operator stop after a fresh checkpoint: {reason}")
             if isinstance(state, Draining):  # its ranks are saving already, then exit: the stop waits for that
-                return Stopping(state.group, reason, state.requested_at, state.deadline)
+                return Stopping(state.group, reason, state.requested_at, state.deadline, state.verdict)
             state.group.request_checkpoint(then_exit=True)
             now = self.clock()
             return Stopping(state.group, reason, now, now + self.cfg.controller.drain_timeout_s)

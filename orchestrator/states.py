@@ -58,6 +58,7 @@ class Stopping(State):
     reason: str
     requested_at: float
     deadline: float
+    drained: Verdict | None = None  # a drain it took over: its hosts still go to their maintenance
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,7 @@ def test_a_drained_stop_while_draining_waits_for_the_save_already_asked_for(make
     event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 7)
     fleet.groups[0].finish()
     assert ctrl.tick() and isinstance(ctrl.state, Stopped) and "after a checkpoint at step 7" in ctrl.state.reason
+    assert ctrl.pool.state("host-3") == HostState.QUARANTINED  # the drain's host still goes to its maintenance
 
 
 # --- ... after the job ended -----------------------------------------------------------------------------------
