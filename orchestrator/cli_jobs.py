@@ -65,11 +65,8 @@ def summary_line(st: dict[str, Any]) -> str:
 def stored_line(store: Any, name: str) -> str:
     """What the store knows of a job whose controller is not running: the same fields as `summary_line`, with
     the fleet's hosts (the job's placement lives only in its controller)."""
-    from orchestrator.report import summarize
-
-    s = summarize(store, name)
+    s, verdict = _stored(store, name)
     rec = s.job
-    verdict = s.interruptions[-1].verdict.cause.value if s.interruptions else "-"
     hosts = store.hosts()
     out = sorted(h.host for h in hosts if h.state.value == "quarantined")
     return (f"{name}: {rec.state} (no controller running{': ' + rec.message if rec.message else ''}), step "
@@ -80,8 +77,6 @@ def stored_line(store: Any, name: str) -> str:
 
 def list_row(store: Any, rec: Any) -> list[Any]:
     """One job's row: a running controller's own figures, else the store's."""
-    from orchestrator.report import summarize
-
     ctrl = controller_of(rec.name)
     st: dict[str, Any] | None = None
     if ctrl is not None:
@@ -96,12 +91,19 @@ def list_row(store: Any, rec: Any) -> list[Any]:
         ettr = None if st.get("ettr") is None else st["ettr"]
         verdict = st["verdicts"][-1]["cause"] if st.get("verdicts") else "-"
     else:
-        s = summarize(store, rec.name)
+        s, verdict = _stored(store, rec.name)
         state, step, attempt, ettr = rec.state, f"{rec.last_step}/{rec.target_step}", rec.attempt, s.ettr
-        verdict = s.interruptions[-1].verdict.cause.value if s.interruptions else "-"
     return [rec.name, state, "yes" if ctrl is not None else "no", step, attempt,
             "-" if ettr is None else f"{100 * ettr:.1f}%", verdict,
             time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.started_at))]
+
+
+def _stored(store: Any, name: str) -> tuple[Any, str]:
+    """The store's summary of a job and its last verdict ("-" if none)."""
+    from orchestrator.report import summarize
+
+    s = summarize(store, name)
+    return s, (s.interruptions[-1].verdict.cause.value if s.interruptions else "-")
 
 
 def controller_of(job: str) -> Any | None:
