@@ -202,6 +202,8 @@ class NodeAgent:
         newest = max(self._attempt_pids)
         for attempt in [a for a in self._attempt_pids if a < newest]:
             for pid, seen_at in self._attempt_pids.pop(attempt).items():
+                if pid in self._attempt_pids[newest]:  # kept by an in-process restart: it runs the new attempt
+                    continue
                 if not _same_process(pid, seen_at):  # gone, or its pid now belongs to another process
                     continue
                 try:

@@ -113,6 +113,9 @@ class TrainerConfig:
     ranks_per_host: int = _f(1, ge=1)
     collective_timeout_s: float = _f(30.0, gt=0)
     """A collective that does not complete in this time fails the rank (a hang becomes an error)."""
+    rejoin_wait_s: float = _f(60.0, gt=0)
+    """In-process restart: how long a rank that saw a peer fail keeps its process waiting for the controller's
+    order to rejoin the next attempt, before it exits (must exceed the controller's time to a verdict)."""
     fr_buffer_size: int = _f(2000, ge=0)
     """Entries in the PyTorch flight recorder ring buffer (TORCH_FR_BUFFER_SIZE)."""
     step_delay_s: float = 0.0
@@ -195,6 +198,10 @@ class ControllerConfig:
     """How long a relay gathers frames before forwarding them (fatal evidence is forwarded at once)."""
     warm_standby: bool = True
     """Keep one pre-imported trainer process per rank ready, so a restart skips the ~2 s torch import."""
+    inprocess_restart: bool = True
+    """After a failure that needs no new host (a rank's exception or death, a hang), the ranks still alive keep
+    their processes and rejoin the next attempt in-process (re-formed process group, restore from the memory
+    tier); only the dead ranks are started anew. Falls back to restarting every process when that fails."""
     warm_spares: int = _f(1, ge=0)
     """Spare hosts kept warm once the job trains: rank actors with a pre-imported standby trainer each, so a restart
     that evicts a host onto a spare costs what a same-host restart costs (0: spares start cold)."""

@@ -21,6 +21,7 @@ ENV_FR_DIR = "HERDSMAN_FR_DIR"  # where the rank writes its flight-recorder dump
 ENV_SIM_CLOCKS = "HERDSMAN_SIM_CLOCKS"  # a simulated-GPU agent's clock factors (simulated hosts only)
 ENV_RESUME = "HERDSMAN_RESUME"  # "required": refuse to start from scratch when no checkpoint loads
 ENV_CHECKPOINT_DIR = "HERDSMAN_CHECKPOINT_DIR"  # where the job keeps its checkpoints (a trainer of your own)
+ENV_INPROCESS = "HERDSMAN_INPROCESS"  # "1": a rank that saw a peer fail waits for an order to rejoin (trainer/rejoin.py)
 RESUME_REQUIRED = "required"
 
 SIM_CLOCKS = "sim-clocks.json"

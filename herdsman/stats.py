@@ -41,6 +41,12 @@ class StatsWriter:
         if self._f is not None and phase in (TrainerPhase.FAILED, TrainerPhase.FINISHED):
             os.fsync(self._f.fileno())
 
+    def close(self) -> None:
+        """The attempt is over (a rank kept by an in-process restart writes the next one's file)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
 
 class StatsTailer:
     """Reads the records appended since the last call, across all files of a stats directory."""

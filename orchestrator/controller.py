@@ -240,6 +240,8 @@ class Controller(Intake, Operations):
         self.pool.activate(hosts, self.clock())
         self._persist_hosts()
         env = {layout.ENV_CONFIG: str(self.config_path)}
+        if self.cfg.controller.inprocess_restart and not self.cfg.trainer.entrypoint:
+            env[layout.ENV_INPROCESS] = "1"  # a rank that sees a peer fail waits for an order to rejoin
         if self.ledger.ckpt_at:  # never silently train from scratch once a checkpoint exists
             env[layout.ENV_RESUME] = layout.RESUME_REQUIRED
         self.attempt_started_at = self.clock()
@@ -375,7 +377,9 @@ class Controller(Intake, Operations):
         with self.lock:
             response = self.responder.respond(verdict, self.ledger.progressed(), self.pool, detected_at)
             self._persist_hosts()
-        group.shutdown(keep_hosts=[h for h in group.hosts if h not in response.out])
+        anew = None if now_ else self._in_process(state, status, verdict, response)
+        if anew is None:
+            group.shutdown(keep_hosts=[h for h in group.hosts if h not in response.out])
         self._decide(f"decision {response.action.value}: {response.reason}")
         for h in response.lemons:
             self._decide(f"quarantine {h}: {self.pool.status[h].reason}")
@@ -383,7 +387,46 @@ class Controller(Intake, Operations):
             self._interrupt(verdict, state.since, detected_at, planned=verdict.cause == RootCause.HOST_MAINTENANCE)
         if response.page:
             return Stopped(response.reason)
+        if anew is not None:
+            running = self._rejoin(group, anew)
+            if running is not None:
+                return running
+            group.shutdown()  # the in-process way failed: every process restarts, on the same hosts
         return BackingOff(self.clock() + response.backoff_s)
+
+    def _in_process(self, state: Failing, status: Any, verdict: Verdict, response: Any) -> set[int] | None:
+        """The ranks to start anew when the others can rejoin the next attempt in their own processes, or None
+        when every process must restart: a host leaves, one is unreachable, the attempt never stepped (an
+        in-process restart that failed falls back to processes), or no rank is left to keep."""
+        if not self.cfg.controller.inprocess_restart or self.cfg.trainer.entrypoint or response.page \
+                or response.out or status.unreachable or not self.ledger.stepped(self.attempt):
+            return None
+        alive = {r.rank for r in status.ranks if r.running}
+        if state.hang and not verdict.ranks:
+            return None  # nobody named: a hung rank cannot be told from a waiting one
+        # the dead, and those the verdict names (a hung rank; one whose own code failed, on its way out)
+        anew = (set(range(state.group.world_size)) - alive) | set(verdict.ranks)
+        if not anew or len(anew) >= state.group.world_size:
+            return None
+        return anew
+
+    def _rejoin(self, group: Group, anew: set[int]) -> State | None:
+        """An in-process restart of the (already counted) next attempt; None if it could not be ordered."""
+        now = self.clock()
+        with self.lock:
+            self.ledger.mark("scheduled", self.attempt, now)
+            self.ledger.mark("launched", self.attempt, now)
+        self.attempt_started_at = now
+        try:
+            kept = group.rejoin(self.attempt, anew)
+        except Exception as e:  # an actor gone meanwhile: restart processes instead
+            self._decide(f"in-process restart failed ({type(e).__name__}: {e}): restarting every process")
+            return None
+        fresh = sorted(set(range(group.world_size)) - set(kept))
+        self._decide(f"attempt {self.attempt}: in-process restart on {', '.join(dict.fromkeys(group.hosts))}: "
+                     f"rank(s) {kept} keep their processes, rank(s) {fresh} start anew")
+        self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
+        return Running(group, self.clock())
 
     def _reported_failed(self, group: Group) -> list[RankFailure]:
         """Ranks of this attempt that reported their own failure (its traceback) and have not exited yet."""

@@ -85,7 +85,7 @@ TRANSITIONS: dict[type[State], tuple[type[State], ...]] = {
     Scheduling: (Scheduling, Running, Stopped),
     Running: (Running, Failing, Draining, Finished, Scheduling, Stopping, Stopped),
     Stopping: (Stopping, Stopped),
-    Failing: (Failing, BackingOff, Stopped),
+    Failing: (Failing, BackingOff, Running, Stopped),  # Running: an in-process restart
     Draining: (Draining, Failing, Scheduling, Stopping, Stopped),
     BackingOff: (BackingOff, Scheduling, Stopped),
     Finished: (Finished,),

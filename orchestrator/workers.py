@@ -25,6 +25,7 @@ from herdsman import layout
 from herdsman.events import RankFailure
 from trainer import faults
 from trainer import flight_recorder as trainer_fr
+from trainer import rejoin as trainer_rejoin
 from trainer.checkpoint import request_now as request_checkpoint_now
 
 
@@ -105,6 +106,19 @@ class RankProcess:
             timer.daemon = True
             timer.start()
         return self.proc.pid
+
+    def rejoin(self, env: dict[str, str], log_path: str, control_dir: str) -> tuple[bool, int]:
+        """In-process restart: a live rank gets an order to rejoin the next attempt in its own process
+        (trainer/rejoin.py); a dead one is started anew. Returns (kept, pid)."""
+        p = self.proc
+        if p is None or p.poll() is not None or self.rank != int(env["RANK"]):
+            return False, self.start(env, log_path, control_dir)
+        self.log_path, self.control_dir = Path(log_path), Path(control_dir)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"[rank actor on {self.host}] rank {self.rank}: kept process {p.pid} (in-process restart)\n")
+        trainer_rejoin.write_order(self.control_dir, self.rank, int(env[layout.ENV_ATTEMPT]), env, log_path)
+        return True, p.pid
 
     def _refill(self, started: subprocess.Popen) -> None:
         if self._standby is None and started is self.proc and started.poll() is None:
@@ -242,13 +256,36 @@ class WorkerGroup:
             raise HerdsmanError(f"could not place rank 0 on {self.rank_hosts[0]}: {e}") from None
         refs = []
         for rank, (actor, host) in enumerate(zip(self.actors, self.rank_hosts)):
-            env = {**self.env, **layout.rank_env(self.run_dir, host, self.job, self.attempt, self.fr_buffer_size),
-                   "RANK": str(rank),
-                   "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_host),
-                   "MASTER_ADDR": master_ip, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            log = layout.rank_log(self.run_dir, host, self.job, rank, self.attempt)
-            refs.append(actor.start.remote(env, str(log), env[layout.ENV_CONTROL_DIR], self.command))
+            env, log = self._rank_env(rank, host, master_ip, port)
+            refs.append(actor.start.remote(env, log, env[layout.ENV_CONTROL_DIR], self.command))
         ray.get(refs, timeout=timeout_s)
+
+    def _rank_env(self, rank: int, host: str, master_ip: str, port: int) -> tuple[dict[str, str], str]:
+        env = {**self.env, **layout.rank_env(self.run_dir, host, self.job, self.attempt, self.fr_buffer_size),
+               "RANK": str(rank),
+               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_host),
+               "MASTER_ADDR": master_ip, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        return env, str(layout.rank_log(self.run_dir, host, self.job, rank, self.attempt))
+
+    def rejoin(self, attempt: int, replace: set[int], timeout_s: float = 60.0) -> list[int]:
+        """In-process restart into `attempt`: the ranks in `replace` are started anew (a hung one is stopped
+        first), every other one is ordered to rejoin in its own process. Returns the ranks that kept theirs."""
+        self.attempt = attempt
+        master_ip = ray.get(self.actors[0].node_ip.remote(), timeout=timeout_s)
+        port = ray.get(self.actors[0].free_port.remote(), timeout=timeout_s)
+        refs = {}
+        for rank, (actor, host) in enumerate(zip(self.actors, self.rank_hosts)):
+            env, log = self._rank_env(rank, host, master_ip, port)
+            if rank in replace:
+                refs[rank] = actor.start.remote(env, log, env[layout.ENV_CONTROL_DIR], self.command)
+            else:
+                refs[rank] = actor.rejoin.remote(env, log, env[layout.ENV_CONTROL_DIR])
+        kept = []
+        for rank, ref in refs.items():
+            out = ray.get(ref, timeout=timeout_s)
+            if isinstance(out, tuple) and out[0]:
+                kept.append(rank)
+        return kept
 
     def poll(self, timeout_s: float = 5.0) -> GroupStatus:
         refs = [a.poll.remote() for a in self.actors]

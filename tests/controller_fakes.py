@@ -38,6 +38,7 @@ class FakeGroup:
         self.ended, self.stderr = {}, {}
         self.unreachable = ()
         self.shutdowns, self.checkpoints = [], []
+        self.rejoins, self.rejoin_error = [], None
 
     @property
     def world_size(self):
@@ -60,6 +61,17 @@ class FakeGroup:
 
     def shutdown(self, grace_s=3.0, keep_hosts=()):
         self.shutdowns.append(tuple(keep_hosts))
+
+    def rejoin(self, attempt, anew):
+        """In-process restart: the ranks in `anew` start anew, the others keep running."""
+        if self.rejoin_error is not None:
+            raise self.rejoin_error
+        self.rejoins.append((attempt, set(anew)))
+        self.attempt = attempt
+        for r in anew:
+            self.exit[r] = None
+            self.ended.pop(r, None)
+        return [r for r in self.exit if r not in anew]
 
     def request_checkpoint(self, then_exit=False):
         self.checkpoints.append(then_exit)
@@ -122,9 +134,10 @@ def controllers(tmp_path):
         clock = Clock()
         cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "job": "unit",
                                      "trainer": {"steps": 20, "checkpoint_every": 5},
-                                     "controller": {"failure_grace_s": 1.0, "hang_timeout_s": 30.0,
+                                     # the process-restart path unless a test turns the in-process one on
+                                    "controller": {"failure_grace_s": 1.0, "hang_timeout_s": 30.0,
                                                     "startup_timeout_s": 30.0, "restart_backoff_s": 1.0,
-                                                    **controller}})
+                                                    "inprocess_restart": False, **controller}})
         fleet = FakeFleet(clock)
         ctrl = Controller(cfg, store=store, fleet=fleet, clock=clock)
         _record_transitions(ctrl)

@@ -122,6 +122,31 @@ def test_fatal_fault_kills_the_trainer_process_on_that_gpu(agent):
         bystander.kill()
 
 
+def test_ranks_left_over_from_an_earlier_attempt_are_killed_but_not_one_kept_in_process(agent):
+    """Two attempts never train at once: a rank of attempt 0 still alive once attempt 1 reports is killed, unless
+    it reports in attempt 1 itself (an in-process restart kept its process)."""
+    import time
+
+    kept = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        now = time.time()
+
+        def started(rank, attempt, pid):
+            return json.dumps({"kind": "event", "rank": rank, "host": "n1", "attempt": attempt, "phase": "started",
+                               "time": now, "pid": pid, "gpu": rank}) + "\n"
+        (agent.stats_dir / "rank00000-attempt0000.jsonl").write_text(started(0, 0, kept.pid))
+        (agent.stats_dir / "rank00001-attempt0000.jsonl").write_text(started(1, 0, stale.pid))
+        agent.cycle()
+        (agent.stats_dir / "rank00000-attempt0001.jsonl").write_text(started(0, 1, kept.pid))
+        agent.cycle()
+        assert stale.wait(timeout=10) == -9
+        assert kept.poll() is None
+    finally:
+        kept.kill()
+        stale.kill()
+
+
 def test_dashboard_queries_name_exported_metrics(agent):
     """Every metric a dashboard panel queries is one the agent exports (a renamed metric breaks this)."""
     import re

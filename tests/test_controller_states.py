@@ -62,6 +62,18 @@ def backing_off(make):
 
 
 # --- transitions -------------------------------------------------------------------------------------------
+def test_failing_to_running_is_an_in_process_restart(make):
+    """A rank died after progress, no host leaves: the others rejoin the next attempt in their own processes
+    (more in tests/test_inprocess.py)."""
+    ctrl, fleet, clock = running(make, inprocess_restart=True)
+    step(ctrl, clock, 3)
+    fleet.groups[0].fail(1, -9)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    clock.advance(1.5)
+    assert ctrl.tick() and isinstance(ctrl.state, Running) and ctrl.state.group is fleet.groups[0]
+    assert ctrl.attempt == 1 and fleet.groups[0].rejoins == [(1, {1})]
+
+
 def test_a_rank_that_fails_during_a_drain_turns_it_into_a_failure(make):
     ctrl, fleet, clock = draining(make)
     fleet.groups[0].fail(1, -9)

@@ -1,6 +1,7 @@
 """The whole loop on a real local multi-node Ray cluster: 3 worker hosts + 1 spare, real trainer processes."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -129,6 +130,46 @@ def test_software_exception_restarts_without_eviction(cluster, tmp_path):
     assert st["placement"] == first_placement
     (it,) = Store(cfg.store_url).interruptions("bug")
     assert it.last_step == 13 and it.resumed_step == 10 and it.restore_s is not None
+
+
+def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_own_processes(cluster, tmp_path):
+    """In-process restart: rank 1 is killed; ranks 0 and 2 keep their processes (same pids), re-form the group
+    with a fresh rank 1 and restore from the memory tier; the losses are those of an uninterrupted run."""
+    from tests.trainer_runs import launch, losses, write_config
+
+    steps = 20
+    cfg = job_config(tmp_path, "inproc", trainer={"steps": steps})
+    ctrl = launch_controller(cfg)
+    try:
+        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        ray.get(ctrl.inject_trainer_fault.remote(1, "sigkill", "", 12))
+        st = wait_done(ctrl, 300)
+        split = accounted(st)
+    finally:
+        stop_controller(ctrl)
+    assert st["state"] == "finished", st["decisions"]
+    assert len(st["verdicts"]) == 1 and split["restart"] > 0, "\n".join(st["decisions"])
+    assert any("in-process restart" in d and "rank(s) [0, 2] keep their processes, rank(s) [1] start anew" in d
+               for d in st["decisions"]), "\n".join(st["decisions"])
+
+    def started(rank, attempt):
+        d = stats_dir(tmp_path / "run", st["placement"][rank], "inproc")
+        recs = [json.loads(x) for x in (d / f"rank{rank:05d}-attempt{attempt:04d}.jsonl").read_text().splitlines()]
+        return next(r for r in recs if r["kind"] == "event" and r["phase"] == "started")
+    for rank in (0, 2):
+        assert started(rank, 0)["pid"] == started(rank, 1)["pid"] and "kept" in started(rank, 1)["message"]
+    assert started(1, 0)["pid"] != started(1, 1)["pid"]
+    log = rank_log(tmp_path / "run", st["placement"][0], "inproc", 0, 1).read_text()
+    assert "kept process" in log and "(memory, " in log, log[-3000:]
+    (it,) = Store(cfg.store_url).interruptions("inproc")
+    assert it.resumed_step == 10 and it.restore_s is not None
+
+    ref = tmp_path / "uninterrupted"
+    ref.mkdir()
+    ref_cfg = write_config(ref / "h.toml", ref / "run", steps=steps, checkpoint_every=cfg.trainer.checkpoint_every)
+    assert [r.returncode for r in launch(ref_cfg, 3, 0, ref / "stats")] == [0, 0, 0]
+    got = losses(stats_dir(tmp_path / "run", st["placement"][0], "inproc"))
+    assert got == losses(ref / "stats") and sorted(got) == list(range(1, steps + 1))
 
 
 def test_hung_rank_is_found_by_the_flight_recorder_and_the_job_restarts(cluster, tmp_path):

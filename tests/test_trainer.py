@@ -162,3 +162,58 @@ def test_a_short_write_on_a_full_disk_is_a_storage_failure_though_its_errno_is_l
     assert not _storage_failure(short)  # no checkpoint root to look at: only the errno counts
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
     assert not _storage_failure(short, tmp_path)  # room enough: something else broke the save
+
+
+def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_loss_curve(uninterrupted, tmp_path):
+    """In-process restart without the controller: rank 1 is killed at step 11; rank 0 keeps its process, waits for
+    an order to rejoin, re-forms the group with a fresh rank 1 and restores from the memory tier."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.trainer_runs import ROOT, free_port, start
+    from trainer import rejoin
+
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=3)
+    ctl, stats = tmp_path / "ctl", tmp_path / "stats"
+    faults.request(ctl, 1, "sigkill", at_step=11)
+    procs = start(cfg, WORLD, 0, stats, ctl, extra_env={"HERDSMAN_INPROCESS": "1"})
+    assert procs[1].wait(timeout=120) == -9
+    time.sleep(0.5)
+    assert procs[0].poll() is None  # a witness of its peer's death: it waits to rejoin
+
+    port = str(free_port())
+    env = {"HERDSMAN_ATTEMPT": "1", "MASTER_PORT": port}
+    rejoin.write_order(ctl, 0, 1, env, str(tmp_path / "rank0-attempt1.log"))
+    fresh = subprocess.Popen([sys.executable, "-m", "trainer.train", "--config", str(cfg)], cwd=ROOT,
+                             env={**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "HERDSMAN_ATTEMPT": "1",
+                                  "HERDSMAN_HOST": "local", "HERDSMAN_STATS_DIR": str(stats),
+                                  "HERDSMAN_CONTROL_DIR": str(ctl), "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = fresh.communicate(timeout=120)
+    assert fresh.returncode == 0, out[-3000:]
+    first, _ = procs[0].communicate(timeout=60)
+    assert procs[0].returncode == 0, first[-3000:]
+    assert "a peer failed: keeping this process" in first and "rejoining in attempt 1" in first
+    log = (tmp_path / "rank0-attempt1.log").read_text()  # the kept rank writes the new attempt's log
+    assert "resumed from" in log and "step-00000008 (memory, " in log, log[-3000:]
+
+    def started(attempt):
+        recs = [json.loads(x) for x in (stats / f"rank00000-attempt{attempt:04d}.jsonl").read_text().splitlines()]
+        return next(r for r in recs if r["kind"] == "event" and r["phase"] == "started")
+    assert started(0)["pid"] == started(1)["pid"] == procs[0].pid and "kept" in started(1)["message"]
+    want, got = losses(uninterrupted / "stats"), losses(stats)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in got), [(s, got[s], want[s]) for s in got if got[s] != want[s]]
+
+
+def test_a_rank_whose_own_code_failed_does_not_wait_to_rejoin(tmp_path):
+    cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=6, checkpoint_every=3, rejoin_wait_s=2.0)
+    faults.request(tmp_path / "ctl", 1, "exception", "boom", at_step=2)
+    runs = launch(cfg, WORLD, 0, tmp_path / "stats", tmp_path / "ctl", extra_env={"HERDSMAN_INPROCESS": "1"},
+                  timeout=120)
+    assert runs[1].returncode == 1 and "keeping this process" not in runs[1].stdout
+    assert "keeping this process" in runs[0].stdout  # the witness waited (rejoin_wait_s), then gave up
+    assert "no order to rejoin came: exiting" in runs[0].stdout and runs[0].returncode == 1

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from herdsman import HerdsmanError
 from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
 from herdsman.events import TrainerPhase
-from trainer import faults, flight_recorder, interval
+from trainer import faults, flight_recorder, interval, rejoin
 from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid, now_requested
 from trainer.memory_tier import MemoryTier
 from trainer.sdc import ParamGuard, PeerCorruption, SilentDataCorruption, flip_bit
@@ -65,17 +65,20 @@ def init_distributed(cfg: TrainerConfig) -> DistEnv:
     attempt = int(os.environ.get(layout.ENV_ATTEMPT, os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
     timeout = timedelta(seconds=cfg.collective_timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent hosts the store
-        base = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
-    else:
-        base = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=True)
-    store = dist.PrefixStore(f"/attempt_{attempt}", base)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if dist.is_initialized():  # formed by the launcher (Ray Train's TorchTrainer): used as it is
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent hosts the store
+            base = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+        else:
+            base = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=True)
+        store = dist.PrefixStore(f"/attempt_{attempt}", base)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     host = os.environ.get(layout.ENV_HOST) or socket.gethostname()
     return DistEnv(rank, world, local_rank, attempt, host, device)
 
@@ -138,13 +141,28 @@ class SimulatedClock:
 
 
 def train(config: HerdsmanConfig) -> int:
-    cfg = config.trainer
+    """Run this rank: one attempt, or (in-process restart, trainer/rejoin.py) one attempt after another in this
+    process, each time the controller orders it to rejoin after a peer's failure."""
     t_start = time.time()
     exit_with_parent()
+    kept = False
+    while True:
+        code, order = _attempt(config, t_start, kept)
+        if order is None:
+            return code
+        t_start, kept = time.time(), True
+        rejoin.take(order)
+
+
+def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, dict[str, Any] | None]:
+    """One attempt: (exit code, None), or (1, an order to rejoin the next attempt in this process)."""
+    cfg = config.trainer
     env = init_distributed(cfg)
     stats = StatsWriter(_env_path(layout.ENV_STATS_DIR), env.rank, env.host, env.attempt, gpu=env.local_rank)
-    # when this process was up with its imports done (the time accounts start its rendezvous here)
-    stats.event(TrainerPhase.STARTED, message=f"pid {os.getpid()}", duration_s=0.0, at=t_start)
+    # when this process was up with its imports done (the time accounts start its rendezvous here); a rank kept
+    # by an in-process restart says so (its process id is the one it had)
+    stats.event(TrainerPhase.STARTED, message=f"pid {os.getpid()}" + (" kept (in-process restart)" if kept else ""),
+                duration_s=0.0, at=t_start)
     stats.event(TrainerPhase.RENDEZVOUS, duration_s=time.time() - t_start)
     control_dir, fr_dir = _env_path(layout.ENV_CONTROL_DIR), _env_path(layout.ENV_FR_DIR)
     sim_clocks = SimulatedClock(_env_path(layout.ENV_SIM_CLOCKS), env.local_rank)
@@ -246,8 +264,9 @@ def train(config: HerdsmanConfig) -> int:
         stats.event(TrainerPhase.FINISHED, step=step, message="" if step >= cfg.steps else "drained",
                     duration_s=final_wait_s)
         watcher.stop()
+        stats.close()
         dist.destroy_process_group()
-        return 0
+        return 0, None
     except Exception as e:
         tb = traceback.format_exc()
         stats.event(TrainerPhase.FAILED, step=step, message=tb[-4000:])
@@ -265,7 +284,32 @@ def train(config: HerdsmanConfig) -> int:
             if ckpt.in_flight:  # still stuck: its thread would hold the interpreter's exit until its timeout
                 sys.stdout.flush()
                 os._exit(1)
-        return 1
+        stats.close()
+        if not (rejoin.enabled() and rejoin.peer_failure(e)):
+            return 1, None
+        return 1, _await_rejoin(env, cfg, control_dir, ckpt, watcher)
+
+
+def _await_rejoin(env: DistEnv, cfg: TrainerConfig, control_dir: Path | None, ckpt: Checkpointer | None,
+                  watcher: flight_recorder.DumpOnRequest) -> dict[str, Any] | None:
+    """This rank only saw a peer fail: it keeps its process and waits for the controller's order to rejoin the
+    next attempt (trainer/rejoin.py). What this attempt held is let go first: the checkpointer (its files stay,
+    for the restore), the dump watcher, the broken process group."""
+    watcher.stop()
+    if ckpt is not None:
+        try:
+            ckpt.close(timeout_s=0.0)
+        except Exception as err:  # a broken group may fail to tear down; nothing of it is used again
+            _log(env, f"closing the checkpointer: {type(err).__name__}: {err}")
+    rejoin.leave_group()
+    _log(env, f"a peer failed: keeping this process (pid {os.getpid()}), waiting up to {cfg.rejoin_wait_s:.0f} s "
+              f"for an order to rejoin")
+    order = rejoin.wait(control_dir, env.rank, env.attempt, cfg.rejoin_wait_s)
+    if order is None:
+        _log(env, "no order to rejoin came: exiting (the controller restarts processes)")
+    else:
+        _log(env, f"rejoining in attempt {order['attempt']} as rank {order['env'].get('RANK', env.rank)}")
+    return order
 
 
 def _storage_failure(e: BaseException, root: Path | None = None) -> bool:
