@@ -51,7 +51,7 @@ def test_a_lost_host_is_restored_from_its_peers_memory(straight, tmp_path):
     cfg = _fail_at(tmp_path, 10, ["h0", "h1"])
     mem = tmp_path / "run" / "memory"
     # each host holds its own shard and its peer's replica of the newest committed step
-    assert sorted(p.name for p in (mem / "h0" / "step-00000008").glob("*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (mem / "h0" / "step-00000008").glob("*.bin")) == ["rank-00000.bin", "rank-00001.bin"]
     shutil.rmtree(mem / "h1")  # host h1 is gone; its rank restarts on a fresh spare h2
     second = launch(cfg, 2, 1, tmp_path / "stats", tmp_path / "ctl", hosts=["h0", "h2"])
     assert [r.returncode for r in second] == [0, 0], second[0].stdout
@@ -70,7 +70,7 @@ def test_without_a_copy_in_memory_the_disk_is_used(straight, tmp_path):
 
 def test_a_corrupt_memory_copy_falls_back_to_disk(straight, tmp_path):
     cfg = _fail_at(tmp_path, 10, ["h0", "h1"])
-    blob = tmp_path / "run" / "memory" / "h0" / "step-00000008" / "rank-00000.pt"
+    blob = tmp_path / "run" / "memory" / "h0" / "step-00000008" / "rank-00000.bin"
     blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")
     second = launch(cfg, 2, 1, tmp_path / "stats", tmp_path / "ctl", hosts=["h0", "h1"])
     assert [r.returncode for r in second] == [0, 0], second[0].stdout

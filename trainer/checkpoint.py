@@ -9,6 +9,7 @@ checkpoint, saying why. Retention never deletes the newest checkpoint that verif
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -26,11 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import (
-    AsyncStager,
-    DefaultStager,
-    StagingOptions,
-)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -48,10 +44,12 @@ from trainer.manifest import (  # the manifest's code lives there; re-exported f
     verify,
     write_manifest,
 )
-from trainer.memory_tier import MemoryTier, copy_into, to_local
+from trainer.memory_tier import (HostBuffer, MemoryTier, Snapshot, Writer, copy_into, dcp_write, snapshot,
+                                 spare_cores)
 
 __all__ = ["MANIFEST", "PIN", "SUSPECT", "CheckpointError", "CheckpointInfo", "Checkpointer", "Pending", "committed",
-           "latest_valid", "now_requested", "pin", "request_now", "step_dir", "unpin", "verify", "write_manifest"]
+           "latest_valid", "now_requested", "pin", "request_now", "spare_cores", "step_dir", "unpin", "verify",
+           "write_manifest"]
 _NAME = re.compile(r"^step-(\d{8})$")
 _TMP = re.compile(r"^step-(\d{8})\..*\.tmp$")
 
@@ -60,12 +58,20 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_own(tmp: Path, rank: int) -> None:
+    """Make this rank's part of a DCP save durable: its data files (`__<rank>_*`) and, on the coordinator, the
+    metadata (DCP was told not to: its fsyncs would hold the training loop)."""
+    for f in tmp.iterdir():
+        if f.name.startswith(f"__{rank}_") or (rank == 0 and f.name == ".metadata"):
+            _fsync(f)
 
 
 def committed(root: Path) -> list[Path]:
@@ -97,20 +103,59 @@ class Pending:
         self.error: BaseException | None = None
         self.committed = False
         self.memory_bytes = 0
+        self.cpu_s = 0.0  # CPU time of the save's work on every rank, summed (its own threads; not gloo's)
+        self.started, self.took_s = time.perf_counter(), 0.0  # from `save` to done (committed on rank 0)
         self.thread: threading.Thread | None = None
+        self.background = False  # written by the writer process while the loop trained on
+        # the training thread's wait for a CPU (run queue), from `save` to done: (start s, its delay s, end s, ...)
+        self.probe: tuple[float, float, float, float] | None = None
+
+
+STEAL = 0.15  # a background save may not make the training thread wait for a CPU this much more of the time
+STRIKES = 2  # saves in a row that did, before the loop takes the write back
+RETRY = 8  # saves written while the loop waits, after such a fall-back, before the background is tried again
+
+
+def _run_delay(tid: int | None) -> float | None:
+    """Seconds thread `tid` of this process has spent runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stolen(probe: tuple[float, float, float, float], now: float, delay_now: float) -> float | None:
+    """How much more of its time the training thread waited for a CPU while a background save ran (`probe`:
+    its start and end, with the thread's run delay at each) than since (up to `now`, `delay_now`); None when the
+    time since is too short to tell."""
+    t0, d0, t1, d1 = probe
+    if now - t1 < 0.2 or t1 <= t0:
+        return None
+    return (d1 - d0) / (t1 - t0) - (delay_now - d1) / (now - t1)
 
 
 class Checkpointer:
     """Saves and restores the whole training state (model, optimizer, trainer state, per-rank RNG) with DCP.
 
-    With `async_save`, `save` blocks the loop only to stage a copy in host memory (pinned under CUDA); the write,
-    the commit (rank 0: manifest, rename, retention) and the in-memory tier's copy and peer replica run on a
-    background thread over a process group of their own. A new save first waits for the previous one, so two
-    never overlap. Only a committed checkpoint is reported (`poll`) and ever loaded.
+    With `async_save`, where the machine has a core to spare for each rank (`spare_cores`; or `background=True`),
+    `save` blocks the loop only to lay out a copy in reusable host buffers (the memory tier's own files when there
+    is one): the copy, the write (by a process of its own, `Writer`: DCP's Python would hold the GIL), the commit
+    (rank 0: manifest, rename, retention) and the memory tier's peer replica run in the background, over process
+    groups of their own, and the optimizer's next step waits for the copy only (a step pre-hook). Where it has
+    none, background work could only take its CPU from the training step: the copy and the write then run while
+    the loop waits, and only what waits on the disk or is light on CPU and GIL (fsync, CRCs, commit, replica) runs
+    in the background. The count of cores is a guess (neighbours share the machine): each background save also
+    measures how long the training thread waited for a CPU meanwhile (Linux schedstat) against the time since; if
+    `STRIKES` saves in a row made it wait `STEAL` more of the time on any rank, the loop takes the write back (the
+    path that does not lose to a synchronous save) and tries the background again after `RETRY` saves. A new save
+    first waits for the previous one, so two never overlap. Only a committed checkpoint is reported (`poll`) and
+    ever loaded.
     """
 
     def __init__(self, root: Path, keep: int, rank: int, world_size: int, *, async_save: bool = False,
-                 memory: MemoryTier | None = None, attempt: int = 0, log: Callable[[str], None] = print):
+                 memory: MemoryTier | None = None, attempt: int = 0, log: Callable[[str], None] = print,
+                 background: bool | None = None):
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
         self.async_save, self.memory, self.attempt, self.log = async_save, memory, attempt, log
         self._pending: Pending | None = None
@@ -129,20 +174,33 @@ class Checkpointer:
         self._nonce = f"{int(nonce.item()):016x}"
         if memory is not None:
             memory.group = self.group
-        cuda = torch.cuda.is_available()
-        # pinned host memory under CUDA (a faster device-to-host copy); blocking copies, so the snapshot is whole
-        self._stager = DefaultStager(StagingOptions(cuda, False, False, False)) if async_save or memory else None
+        if background is None:
+            background = async_save and spare_cores(self.group) >= 1
+        self.background = bool(background) and Writer.available()
+        self._writer = Writer(rank, world_size, f"/herdsman-writer/{self._nonce}", 1800.0) if self.background else None
+        if async_save and rank == 0:
+            log("async checkpoints: " + ("in the background (a spare core per rank; writer process)" if
+                                         self.background else "written while the loop waits (no spare core)"))
+        self._buffers: dict[int, HostBuffer] = {}  # the staging copy without a memory tier
+        self._copying: Snapshot | None = None  # the background copy the optimizer's next step waits for
+        self._hooked: list[tuple[torch.optim.Optimizer, Any]] = []
+        self._closed = False
+        self._strikes = self._waited = 0  # background saves in a row that slowed training; saves since falling back
+        self._last_probe: tuple[float, float, float, float] | None = None
+        self._loop_tid: int | None = None
 
     def _state(self, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
-        return {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optim),
-        }
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+
+    def _snapshot(self, state: dict[str, Any], step: int, save_id: str) -> Snapshot:
+        if self.memory is not None:
+            return self.memory.snapshot(state, step, save_id, self._seq)
+        return snapshot(state, self._buffers, 0)
 
     def save(self, step: int, model: torch.nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any]) -> float:
         """Collective. Returns the seconds the training loop was blocked (waiting for the previous save, staging)."""
-        t0 = time.perf_counter()
-        self.wait()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._reported[:0] = self.wait()  # reported by the next poll, not lost
         self._seq += 1
         # a name of this attempt and save: a dead attempt's leftovers can never collide with (or be deleted
         # under) a live save, and are swept by retention
@@ -151,44 +209,130 @@ class Checkpointer:
         state = self._state(model, optim)
         state["trainer"] = extra  # replicated: identical on every rank
         state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        p = Pending(step, tmp, 0.0, save_id)
+        p.started = t0
+        if self.async_save and self._writer is not None:
+            self._choose_path()
         if not self.async_save:
-            dcp.save(state, checkpoint_id=str(tmp))
+            self._write_now(state, tmp, step, durable=True)
             dist.barrier()  # every shard and .metadata are on disk
-            p = Pending(step, tmp, 0.0, save_id)
             if self.memory is not None:
-                p.memory_bytes = self.memory.put(step, save_id, to_local(self._stager.stage(state)))
+                snap = self.memory.snapshot(state, step, save_id, self._seq)
+                snap.copy()
+                p.memory_bytes = self.memory.publish(snap)
             if self.rank == 0:
                 self._commit(p)
-            dist.barrier()
-            p.blocked_s = time.perf_counter() - t0
+            p.cpu_s = self._sum(time.thread_time() - c0)  # and a barrier: committed for every rank
+            p.blocked_s = p.took_s = time.perf_counter() - t0
             p.done.set()
             self._reported.append(p)
             return p.blocked_s
-        staged = self._stager.stage(state)
-        fut = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self.group, async_stager=_NoCopy())
-        p = Pending(step, tmp, time.perf_counter() - t0, save_id)
-        p.thread = threading.Thread(target=self._finish, args=(p, fut, staged), name=f"ckpt-{step}", daemon=True)
+        p.background = self.background
+        if p.background:
+            self._loop_tid = threading.get_native_id()
+            delay = _run_delay(self._loop_tid)
+            p.probe = None if delay is None else (t0, delay, 0.0, 0.0)
+        snap = self._snapshot(state, step, save_id) if self.background or self.memory is not None else None
+        if self.background:
+            self._guard(optim)
+            self._copying = snap
+        else:
+            if snap is not None:
+                snap.copy()
+            self._write_now(state, tmp, step, durable=False)  # from the live state: nothing changes it now
+        p.blocked_s, p.cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        p.thread = threading.Thread(target=self._finish, args=(p, snap), name=f"ckpt-{step}", daemon=True)
         p.thread.start()
         self._pending = p
         return p.blocked_s
 
-    def _finish(self, p: Pending, fut: Any, staged: dict[str, Any]) -> None:
-        try:  # the copy to the memory tier, the CRCs and the commit yield the CPU to the training thread
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (OSError, AttributeError):
-            pass
+    def _write_now(self, state: dict[str, Any], tmp: Path, step: int, durable: bool) -> None:
+        """DCP-save in the loop; a failure is a CheckpointError of this step (a full disk keeps its OSError as the
+        cause, which the trainer reads to skip the save and train on)."""
         try:
-            fut.result()  # on rank 0 this includes every rank's write results and the .metadata
-            if self.memory is not None:
-                p.memory_bytes = self.memory.put(p.step, p.save_id, to_local(staged))
+            dcp_write(state, tmp, durable=durable, group=self.group)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+            err = CheckpointError(f"checkpoint save of step {step} failed: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}")
+            err.step = step
+            raise err from e
+
+    def _choose_path(self) -> None:
+        """Background or not for this save (every rank alike: the paths' collectives differ), from what the last
+        background save did to the training thread (`stolen`); after `RETRY` saves in the loop, try again."""
+        if not self.background:
+            self._waited += 1
+            if self._waited >= RETRY:  # the same count on every rank (saves are collective)
+                self.background, self._strikes, self._last_probe = True, 0, None
+            return
+        probe, self._last_probe = self._last_probe, None
+        delay = _run_delay(self._loop_tid)
+        extra = stolen(probe, time.perf_counter(), delay) if probe is not None and delay is not None else None
+        if extra is not None:
+            self._strikes = self._strikes + 1 if extra > STEAL else 0
+        vote = torch.tensor([int(self._strikes >= STRIKES)])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
+        if vote.item():
+            self.background, self._waited, self._strikes = False, 0, 0
             if self.rank == 0:
+                self.log(f"async checkpoints: written while the loop waits from now on (background saves made "
+                         f"training wait for a CPU {STRIKES} times in a row; background again in {RETRY} saves)")
+
+    def _sum(self, cpu_s: float) -> float:
+        if not dist.is_initialized():
+            return cpu_s
+        t = torch.tensor([cpu_s], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t.item())
+
+    def _guard(self, optim: torch.optim.Optimizer) -> None:
+        if not any(o is optim for o, _ in self._hooked):
+            self._hooked.append((optim, optim.register_step_pre_hook(self._before_update)))
+
+    def _before_update(self, *_: Any) -> None:
+        """The optimizer is about to change what the background copy may still be reading: wait for the copy."""
+        snap, self._copying = self._copying, None
+        if snap is not None and not snap.copied.is_set():
+            t0 = time.perf_counter()
+            snap.copied.wait()
+            if self._pending is not None:
+                self._pending.blocked_s += time.perf_counter() - t0
+
+    def _finish(self, p: Pending, snap: Snapshot | None) -> None:
+        # normal priority: a niced thread starves under any other load, and then the next save waits on it
+        c0 = time.thread_time()
+        try:
+            if p.background:
+                snap.copy()
+                p.cpu_s += self._writer.write(snap, p.tmp)  # collective over the writers' own group
+            else:
+                _fsync_own(p.tmp, self.rank)
+            if self.memory is not None:
+                p.memory_bytes = self.memory.publish(snap)
+            # on rank 0 (DCP's coordinator) this follows every rank's write; the sum is also a barrier for the
+            # fsyncs, so that rank 0 commits only what every rank has made durable
+            p.cpu_s = self._sum(p.cpu_s + time.thread_time() - c0)
+            if self.rank == 0:
+                c1 = time.thread_time()
                 self._commit(p)
+                p.cpu_s += time.thread_time() - c1
         except BaseException as e:  # noqa: BLE001 - reported to the training loop by poll()/wait()
             p.error = e
         finally:
+            if snap is not None:
+                snap.copied.set()  # a failed copy must not hold the optimizer
+            p.took_s = time.perf_counter() - p.started
+            delay = _run_delay(self._loop_tid) if p.probe is not None and p.error is None else None
+            p.probe = None if delay is None else (p.probe[0], p.probe[1], time.perf_counter(), delay)
+            self._last_probe = p.probe
             p.done.set()
 
     def _commit(self, p: Pending) -> None:
+        if self._closed:
+            raise CheckpointError(f"not committing step {p.step}: the checkpointer was closed")
         if self._distrust_after is not None and p.step > self._distrust_after:
             raise CheckpointError(f"not committing step {p.step}: taken after the last clean SDC check")
         write_manifest(p.tmp, p.step, self.world_size, p.save_id)
@@ -197,7 +341,7 @@ class Checkpointer:
             _swap_in(p.tmp, final, p.save_id)
         else:
             os.replace(p.tmp, final)
-            _fsync_dir(self.root)
+            _fsync(self.root)
         # the manifest was just computed from these very files: no need to read them again for retention
         self._verified[final] = (fingerprint(final), True)
         p.committed = True
@@ -229,9 +373,34 @@ class Checkpointer:
     def in_flight(self) -> bool:
         return self._pending is not None and not self._pending.done.is_set()
 
-    def close(self) -> None:
-        if self._stager is not None:
-            self._stager.close()
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Release everything this Checkpointer owns: the writer process (joined, else killed), the optimizer
+        hook, the host buffers, the memory tier's hold on its buffers and group (its files stay, for a restore),
+        and the process group it created. A save still in flight gets `timeout_s` to land; one that has not by
+        then is abandoned and can no longer commit. Afterwards, in the same process, the default group may be
+        destroyed and made anew, and a new Checkpointer (and MemoryTier) restore as after a restart."""
+        if self._pending is not None:
+            self._pending.done.wait(timeout_s)
+        self._closed = True
+        if self._writer is not None:
+            # a save stuck on it fails at once (EOF)
+            self._writer.close(graceful=self._pending is None or self._pending.done.is_set())
+            self._writer = None
+        if self._pending is not None and self._pending.thread is not None:
+            self._pending.thread.join(1.0)  # a thread stuck in a collective of a dead peer stays (a daemon)
+        for _, handle in self._hooked:
+            handle.remove()
+        self._hooked.clear()
+        self._copying = None
+        for buf in self._buffers.values():
+            buf.close()
+        self._buffers.clear()
+        if self.memory is not None:
+            self.memory.close()
+        group, self.group = self.group, None
+        if group is not None and dist.is_initialized() and group in dist.distributed_c10d._world.pg_map:
+            with contextlib.suppress(Exception):  # a group already gone with the default one
+                dist.destroy_process_group(group)
 
     def distrust_after(self, step: int, reason: str) -> list[Path]:
         """Silent data corruption: no checkpoint of a later step may be loaded. Rank 0 sets the committed ones
@@ -294,6 +463,7 @@ class Checkpointer:
 
     def load(self, info: CheckpointInfo, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective. Restores model and optimizer in place; returns the trainer state saved with them."""
+        self._reported[:0] = self.wait()  # no background copy may be reading what this overwrites
         state = self._state(model, optim)
         state["trainer"] = {"step": 0, "loader": {"position": 0}}
         rng_key = f"rng.rank{self.rank}"
@@ -389,23 +559,8 @@ def _swap_in(new: Path, final: Path, tag: str) -> None:
         old = final.with_name(f"{final.name}.{tag}.replaced.tmp")
         os.replace(final, old)
         os.replace(new, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     _remove(old)
-
-
-class _NoCopy(AsyncStager):
-    """The state handed to async_save is already staged by our own stager (which the memory tier reads too)."""
-
-    _synchronize_after_execute = False
-
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return state_dict
-
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def pin(path: Path, note: str = "") -> None:

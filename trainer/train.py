@@ -383,7 +383,8 @@ def _report_commits(env: DistEnv, done: list, stats: StatsWriter, config: Herdsm
     for p in done:
         if env.rank == 0 and p.committed:
             stats.event(TrainerPhase.CHECKPOINT, step=p.step, duration_s=p.blocked_s,
-                        message=f"memory tier {p.memory_bytes} B/rank" if p.memory_bytes else "")
+                        message=(f"memory tier {p.memory_bytes} B/rank; " if p.memory_bytes else "") +
+                        f"save work {p.cpu_s:.3f} CPU-s (all ranks), done {p.took_s:.3f} s after it began")
             figures = {"save_blocked_s": p.blocked_s}
             if step_s:
                 figures["step_s"] = step_s
