@@ -147,6 +147,7 @@ def _load_on(world, config, ckpt, out):
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 def test_a_checkpoint_of_two_ranks_loads_on_one_and_on_three(tmp_path):
     cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=8, checkpoint_every=8)
     assert [r.returncode for r in launch(cfg, 2, 0, tmp_path / "stats")] == [0, 0]
@@ -167,6 +168,7 @@ def test_a_checkpoint_of_two_ranks_loads_on_one_and_on_three(tmp_path):
     assert sorted(losses(tmp_path / "stats3")) == [9, 10]
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 def test_pinned_checkpoints_outlive_retention_and_all_broken_stops(tmp_path):
     cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=4, checkpoint_every=1, keep_checkpoints=2)
     root = tmp_path / "run" / "checkpoints" / "t"
@@ -191,6 +193,7 @@ def test_pinned_checkpoints_outlive_retention_and_all_broken_stops(tmp_path):
     assert runs[0].stdout.count("skipping checkpoint") == 3
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 def test_young_daly_and_the_suggestion_printed_at_start(tmp_path):
     assert young_daly(10.0, 3600.0) == pytest.approx((2 * 10 * 3600) ** 0.5, rel=0.05)  # ~268 s
     assert young_daly(0.0, 3600.0) == 0.0 and young_daly(100.0, 10.0) == 10.0

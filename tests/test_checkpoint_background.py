@@ -73,6 +73,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 def test_a_background_save_writes_the_state_of_its_step_while_training_moves_on(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT), tmp=str(tmp_path))], cwd=ROOT, env=env,
@@ -171,6 +172,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 @pytest.mark.parametrize("background2", [True, False])
 def test_close_releases_everything_so_a_new_checkpointer_restores_in_the_same_process(tmp_path, background2):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}

@@ -164,6 +164,7 @@ def test_a_short_write_on_a_full_disk_is_a_storage_failure_though_its_errno_is_l
     assert not _storage_failure(short, tmp_path)  # room enough: something else broke the save
 
 
+@pytest.mark.slow  # tens of seconds of real ranks: out of the quick loop, in `make test`
 def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_loss_curve(uninterrupted, tmp_path):
     """In-process restart without the controller: rank 1 is killed at step 11; rank 0 keeps its process, waits for
     an order to rejoin, re-forms the group with a fresh rank 1 and restores from the memory tier."""
