@@ -8,10 +8,9 @@ on the restart path. If its parent goes away, stdin closes and it exits.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from trainer import train  # noqa: F401  (the point: import now, run later)
+from trainer import rejoin, train  # (the point: import now, run later)
 
 
 def main() -> int:
@@ -19,11 +18,7 @@ def main() -> int:
     if not line:
         return 0
     spec = json.loads(line)
-    os.environ.update(spec["env"])
-    fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    rejoin.take(spec)  # the attempt's environment, and its log file for stdout and stderr
     return train.main(spec["argv"])
 
 
