@@ -63,11 +63,13 @@ def run_demo(cfg: HerdsmanConfig, echo: Callable[[str], None] = print, timeout_s
             echo(f"* fault 1: Xid 79 on {victim} gpu0 (step {st['step']})")
             ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
 
-            # 2. a software bug in rank 0 a few steps after the restart (counted from where the new attempt is:
-            # the first may have stepped on well past the Xid before it was stopped)
-            st = wait_until(ctrl, lambda s: s["attempt"] >= 1 and s["state"] == "running" and s["attempt_step"] > 0,
-                            timeout_s, progress)
-            at = min(st["attempt_step"] + cfg.trainer.checkpoint_every + 2, cfg.trainer.steps - 1)
+            # 2. a software bug in rank 0 a few steps after the restart. Asked for as soon as the new attempt's
+            # processes are launched, while they start up: waiting for its first reported step could let a short
+            # job finish before the request lands. Counted from the checkpoint it resumes from (the first attempt
+            # may have stepped on well past the Xid before it was stopped); it fires at the first step >= `at`.
+            st = wait_until(ctrl, lambda s: s["attempt"] >= 1 and s["state"] == "running", timeout_s, progress)
+            resume = max((step for step, _ in st["checkpoints"]), default=0)
+            at = min(resume + cfg.trainer.checkpoint_every + 2, cfg.trainer.steps - 1)
             echo(f"* fault 2: a Python exception in rank 0 at step {at}")
             ray.get(ctrl.inject_trainer_fault.remote(0, "exception", "ValueError: shapes (4, 128) and (256,) not aligned",
                                                      at))

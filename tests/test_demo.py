@@ -25,7 +25,7 @@ def test_three_demos_in_one_directory_each_end_like_the_first(tmp_path):
         out = r.stdout
         assert "Traceback" not in out + r.stderr
         assert "fault 1: Xid 79" in out and "fault 2: a Python exception" in out, f"demo {n + 1}"
-        assert "verdict faulty_gpu (0.95)" in out and "verdict software_bug" in out, f"demo {n + 1}"
+        assert "verdict faulty_gpu (0.95)" in out and "verdict software_bug" in out, f"demo {n + 1}: {out[-2500:]}"
         assert "Faulty GPU" in out and "Software Bug" in out and "Effective training time (ETTR)" in out
         assert "finished, step 30/30" in out, f"demo {n + 1}"
         # every second in a named bucket: what no measurement covers is at most 1 % of the wall

@@ -129,7 +129,12 @@ def test_software_exception_restarts_without_eviction(cluster, tmp_path):
     assert "quarantined" not in st["hosts"].values()
     assert st["placement"] == first_placement
     (it,) = Store(cfg.store_url).interruptions("bug")
-    assert it.last_step == 13 and it.resumed_step == 10 and it.restore_s is not None
+    # the fault fires at the first step >= 14 after its file lands (on a loaded machine the trainer may be past 14
+    # by then); the restart resumes from the latest checkpoint committed before it
+    assert it.last_step >= 13 and it.restore_s is not None
+    assert it.last_step >= it.resumed_step >= max(s for s, t in st["checkpoints"] if t <= it.failed_at)
+    assert it.resumed_step % cfg.trainer.checkpoint_every == 0
+    assert 0 <= it.last_step - it.resumed_step <= cfg.trainer.checkpoint_every
 
 
 def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_own_processes(cluster, tmp_path):
