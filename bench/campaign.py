@@ -411,6 +411,7 @@ class Herdsman:
             if self.ctrl is not None:
                 st = self._status()
                 self.decisions = st["decisions"]
+                self.split = {k: round(v, 2) for k, v in st["split"].items()}  # where Herdsman's wall went
                 stop_controller(self.ctrl)
             self.interruptions = [{"attempt": it.attempt, "cause": it.verdict.cause.value,
                                    "hosts": list(it.verdict.hosts), "action": it.verdict.action.value,
@@ -460,6 +461,7 @@ def run_one(system: Any, faults: list[Fault], n: int, cap_s: float, settle_s: fl
     out = {"system": system.name, **outcome(steps, injections, t0, t_end, n)}
     if isinstance(system, Herdsman):
         out["interruptions"] = system.interruptions
+        out["split"] = getattr(system, "split", {})
     return out
 
 

@@ -114,7 +114,8 @@ def test_software_exception_restarts_without_eviction(cluster, tmp_path):
     cfg = job_config(tmp_path, "bug")
     ctrl = launch_controller(cfg)
     try:
-        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        # asked for while the ranks start up: a request made after some reported step could land late
+        st = wait_until(ctrl, lambda s: s["state"] == "running", 300)
         first_placement = st["placement"]
         ray.get(ctrl.inject_trainer_fault.remote(2, "exception", "KeyError: 'lr_scale'", 14))
         st = wait_done(ctrl, 300)
@@ -146,7 +147,7 @@ def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_own_processes(cl
     cfg = job_config(tmp_path, "inproc", trainer={"steps": steps})
     ctrl = launch_controller(cfg)
     try:
-        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        wait_until(ctrl, lambda s: s["state"] == "running", 300)  # asked for while the ranks start up
         ray.get(ctrl.inject_trainer_fault.remote(1, "sigkill", "", 12))
         st = wait_done(ctrl, 300)
         split = accounted(st)
@@ -167,7 +168,8 @@ def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_own_processes(cl
     log = rank_log(tmp_path / "run", st["placement"][0], "inproc", 0, 1).read_text()
     assert "kept process" in log and "(memory, " in log, log[-3000:]
     (it,) = Store(cfg.store_url).interruptions("inproc")
-    assert it.resumed_step == 10 and it.restore_s is not None
+    assert it.last_step >= 11 and it.restore_s is not None
+    assert it.last_step >= it.resumed_step >= max(s for s, t in st["checkpoints"] if t <= it.failed_at) >= 10
 
     ref = tmp_path / "uninterrupted"
     ref.mkdir()
@@ -181,7 +183,7 @@ def test_hung_rank_is_found_by_the_flight_recorder_and_the_job_restarts(cluster,
     cfg = job_config(tmp_path, "hang", trainer={"steps": 30, "collective_timeout_s": 4.0})
     ctrl = launch_controller(cfg)
     try:
-        st = wait_until(ctrl, lambda s: s["state"] == "running" and s["step"] >= 3, 300)
+        st = wait_until(ctrl, lambda s: s["state"] == "running", 300)  # asked for while the ranks start up
         victim = st["placement"][1]
         ray.get(ctrl.inject_trainer_fault.remote(1, "hang", "", 12))
         st = wait_done(ctrl, 300)
