@@ -34,7 +34,7 @@ from herdsman.events import (
 from herdsman.secrets import write_private
 from herdsman.taxonomy import Action, RootCause
 from orchestrator.diagnose import Failure, diagnose, drain_verdict, hardware_cause
-from orchestrator.fleet import Fleet, Group, RayFleet
+from orchestrator.fleet import Fleet, Group, GroupStatusLike, RayFleet
 from orchestrator.accounts import account
 from orchestrator.hangs import flight_recorder_evidence, stalled
 from orchestrator.intake import Intake
@@ -344,7 +344,7 @@ class Controller(Intake, Operations):
         status = group.poll()
         all_done = all(r.exit_code is not None for r in status.ranks)
         if not (state.hang or now_) and self.clock() < state.since + self.cfg.controller.failure_grace_s \
-                and not all_done:
+                and not all_done and not self._all_told(group, status, state.since):
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.
@@ -427,6 +427,19 @@ class Controller(Intake, Operations):
                      f"rank(s) {kept} keep their processes, rank(s) {fresh} start anew")
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(group, self.clock())
+
+    def _all_told(self, group: Group, status: GroupStatusLike, since: float) -> bool:
+        """Every rank has said its part (exited, or reported its failure and waits to rejoin) and every host's agent
+        has written a report since the failure began: what the agents saw up to it is in, so the rest of the grace
+        would wait for nothing. (The agents' reports carry the ranks' own; one report is at most agent.interval_s
+        away.)"""
+        if status.unreachable:
+            return False
+        told = {r.rank for r in status.ranks if r.exit_code is not None} | {r.rank for r in self._reported_failed(group)}
+        if len(told) < len(status.ranks):
+            return False
+        with self.lock:
+            return all(self.seen_at.get(h, 0.0) >= since for h in group.hosts)
 
     def _reported_failed(self, group: Group) -> list[RankFailure]:
         """Ranks of this attempt that reported their own failure (its traceback) and have not exited yet."""

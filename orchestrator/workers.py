@@ -23,10 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from herdsman import layout
 from herdsman.events import RankFailure
-from trainer import faults
-from trainer import flight_recorder as trainer_fr
-from trainer import rejoin as trainer_rejoin
-from trainer.checkpoint import request_now as request_checkpoint_now
+from trainer import control, faults  # torch-free: this actor's worker never imports torch (its trainer does)
 
 
 @dataclass(frozen=True)
@@ -117,7 +114,7 @@ class RankProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"[rank actor on {self.host}] rank {self.rank}: kept process {p.pid} (in-process restart)\n")
-        trainer_rejoin.write_order(self.control_dir, self.rank, int(env[layout.ENV_ATTEMPT]), env, log_path)
+        control.write_order(self.control_dir, self.rank, int(env[layout.ENV_ATTEMPT]), env, log_path)
         return True, p.pid
 
     def _refill(self, started: subprocess.Popen) -> None:
@@ -153,14 +150,14 @@ class RankProcess:
     def request_checkpoint(self, then_exit: bool = False) -> bool:
         if self.proc is None or self.proc.poll() is not None or self.control_dir is None:
             return False
-        request_checkpoint_now(self.control_dir, self.rank, then_exit)
+        control.request_now(self.control_dir, self.rank, then_exit)
         return True
 
     def request_dump(self) -> bool:
         """Ask a live rank for its flight-recorder buffer (it writes it from its watcher thread)."""
         if self.proc is None or self.proc.poll() is not None or self.control_dir is None:
             return False
-        trainer_fr.request(self.control_dir, self.rank)
+        control.request_dump(self.control_dir, self.rank)
         return True
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

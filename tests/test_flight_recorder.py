@@ -17,8 +17,7 @@ from agents.flight_recorder import (
 )
 from herdsman.events import Severity
 from tests.trainer_runs import start, write_config
-from trainer import faults
-from trainer import flight_recorder as trainer_fr
+from trainer import control, faults
 
 
 def test_a_rank_that_hangs_is_named_by_the_analysis_of_real_gloo_dumps(tmp_path):
@@ -30,7 +29,7 @@ def test_a_rank_that_hangs_is_named_by_the_analysis_of_real_gloo_dumps(tmp_path)
         for p in procs[:2]:  # the two healthy ranks time out in the collective rank 2 never joins, and dump
             p.wait(timeout=120)
         assert procs[2].poll() is None  # rank 2 is still hung
-        trainer_fr.request(ctl, 2)  # the controller's request: the hung rank dumps from its watcher thread
+        control.request_dump(ctl, 2)  # the controller's request: the hung rank dumps from its watcher thread
         deadline = time.time() + 20
         while not (fr / "rank00002-attempt0000.json").exists() and time.time() < deadline:
             time.sleep(0.1)

@@ -47,3 +47,20 @@ def test_the_rule_has_teeth(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("def f():\n    from orchestrator.controller import Controller\n")
     assert imports_of(bad) == {"orchestrator"}
+
+
+def modules_loaded_by(module: str) -> set[str]:
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return set(out.split())
+
+
+def test_the_rank_actor_and_the_controller_never_import_torch():
+    """A rank actor's Ray worker (one per rank, started with every job) and the controller only write control
+    files and start processes: importing torch there cost ~3 CPU-seconds per rank before the first step."""
+    for module in ("orchestrator.workers", "orchestrator.controller", "agents.ray_agent"):
+        assert "torch" not in modules_loaded_by(module), module
+    assert "torch" in modules_loaded_by("trainer.rejoin")  # the check sees torch where it is imported

@@ -143,3 +143,24 @@ def test_an_eviction_restarts_processes(make):
     ctrl.tick()
     clock.advance(1.5)
     assert ctrl.tick() and isinstance(ctrl.state, BackingOff) and fleet.groups[0].rejoins == []
+
+
+def test_the_grace_ends_once_every_rank_and_every_agent_has_spoken(make):
+    """The failure grace waits for evidence; once each rank has said its part (exited, or reported the collective
+    a peer broke) and each host's agent has written a report since the failure, there is nothing left to wait for."""
+    ctrl, fleet, clock = running(make, inprocess_restart=True)
+    step(ctrl, clock, 7)
+    ctrl.tick()
+    clock.advance(1)
+    fleet.groups[0].fail(1, 1, "Traceback (most recent call last):\nKeyError: 'lr_scale'")
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    clock.advance(0.3)
+    for rank, host in ((0, "host-1"), (2, "host-3")):  # the witnesses, through their hosts' agents
+        ctrl.report(AgentReport(Heartbeat(host, clock(), 1), evidence=(Evidence(
+            host, EvidenceKind.TRAINER_EXCEPTION, clock(), "RuntimeError: [gloo/transport/tcp/pair.cc:553] "
+            "Connection closed by peer [127.0.0.1]:5", Severity.CRITICAL, rank=rank, attrs={"attempt": 0}),)))
+    assert not ctrl.tick() and isinstance(ctrl.state, Failing)  # host-2's agent has not reported since
+    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 1)))
+    assert ctrl.tick() and isinstance(ctrl.state, Running)  # 0.3 s after the failure, not the 1 s grace
+    assert ctrl.verdicts[-1].cause.value == "software_bug" and ctrl.verdicts[-1].ranks == (1,)
+    assert fleet.groups[0].rejoins == [(1, {1})]

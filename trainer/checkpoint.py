@@ -48,7 +48,7 @@ from trainer.memory_tier import (HostBuffer, MemoryTier, Snapshot, Writer, copy_
                                  spare_cores)
 
 __all__ = ["MANIFEST", "PIN", "SUSPECT", "CheckpointError", "CheckpointInfo", "Checkpointer", "Pending", "committed",
-           "latest_valid", "now_requested", "pin", "request_now", "spare_cores", "step_dir", "unpin", "verify",
+           "latest_valid", "pin", "spare_cores", "step_dir", "unpin", "verify",
            "write_manifest"]
 _NAME = re.compile(r"^step-(\d{8})$")
 _TMP = re.compile(r"^step-(\d{8})\..*\.tmp$")
@@ -571,26 +571,3 @@ def pin(path: Path, note: str = "") -> None:
 
 def unpin(path: Path) -> None:
     (Path(path) / PIN).unlink(missing_ok=True)
-
-
-def request_now(control_dir: Path, rank: int, then_exit: bool = False) -> Path:
-    """Ask a rank for a checkpoint at its next step, and to exit after it (a drain loses no work)."""
-    control_dir = Path(control_dir)
-    control_dir.mkdir(parents=True, exist_ok=True)
-    path = control_dir / f"checkpoint-rank{rank}.request"
-    path.write_text("exit" if then_exit else "")
-    return path
-
-
-def now_requested(control_dir: Path | None, rank: int) -> tuple[bool, bool]:
-    """(checkpoint now, then exit), once per request. The ranks agree on the step through the loss all-reduce,
-    so one rank seeing it is enough and they never disagree about which step to save."""
-    if control_dir is None:
-        return False, False
-    path = Path(control_dir) / f"checkpoint-rank{rank}.request"
-    try:
-        then_exit = path.read_text().strip() == "exit"
-        path.unlink()
-        return True, then_exit
-    except FileNotFoundError:
-        return False, False

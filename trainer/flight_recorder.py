@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from trainer import control
+
 
 def dump(fr_dir: Path | None, rank: int, attempt: int, backend: str) -> Path | None:
     if fr_dir is None:
@@ -34,19 +36,11 @@ def dump(fr_dir: Path | None, rank: int, attempt: int, backend: str) -> Path | N
     return path
 
 
-def request(control_dir: Path, rank: int) -> Path:
-    control_dir = Path(control_dir)
-    control_dir.mkdir(parents=True, exist_ok=True)
-    path = control_dir / f"dump-rank{rank}.request"
-    path.touch()
-    return path
-
-
 class DumpOnRequest:
     def __init__(self, control_dir: Path | None, fr_dir: Path | None, rank: int, attempt: int, backend: str,
                  interval_s: float = 0.25):
         self.args = (fr_dir, rank, attempt, backend)
-        self.request = None if control_dir is None else Path(control_dir) / f"dump-rank{rank}.request"
+        self.request = None if control_dir is None else control.dump_request_path(control_dir, rank)
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fr-dump-on-request", daemon=True)

@@ -15,7 +15,6 @@ controller then restarts processes, as without this module).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from herdsman import layout
+from trainer.control import order_path, pending, write_order  # noqa: F401 (the order's file, both sides)
 
 # what a collective says when the rank on the other end died, hung or aborted (gloo's transport, NCCL, c10d)
 _PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "Read error", "Write error",
@@ -49,42 +49,6 @@ def peer_failure(e: BaseException) -> bool:
             return True
         x = x.__cause__ or x.__context__
     return False
-
-
-def order_path(control_dir: Path, rank: int) -> Path:
-    return Path(control_dir) / f"rejoin-rank{rank}.json"
-
-
-def write_order(control_dir: Path, rank: int, attempt: int, env: dict[str, str], log: str) -> Path:
-    """The controller's side (through the rank actor): rejoin as `rank` in `attempt` with this environment."""
-    control_dir = Path(control_dir)
-    control_dir.mkdir(parents=True, exist_ok=True)
-    path = order_path(control_dir, rank)
-    tmp = path.with_suffix(".part")
-    tmp.write_text(json.dumps({"attempt": attempt, "env": env, "log": log}))
-    os.replace(tmp, path)
-    return path
-
-
-def pending(control_dir: Path | None, rank: int, attempt: int) -> dict[str, Any] | None:
-    """A rejoin order for a later attempt than `attempt`, if one is there (it is removed: read once)."""
-    if control_dir is None:
-        return None
-    path = order_path(control_dir, rank)
-    try:
-        order = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        path.unlink(missing_ok=True)  # torn or foreign: not an order
-        return None
-    path.unlink(missing_ok=True)
-    if not isinstance(order, dict) or not isinstance(order.get("env"), dict) \
-            or not isinstance(order.get("attempt"), int) or order["attempt"] <= attempt:
-        return None  # an old attempt's order: already past it
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in order["env"].items()):
-        return None
-    return order
 
 
 def wait(control_dir: Path | None, rank: int, attempt: int, wait_s: float, poll_s: float = 0.05

@@ -37,7 +37,8 @@ from herdsman import HerdsmanError
 from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
 from herdsman.events import TrainerPhase
 from trainer import faults, flight_recorder, interval, rejoin
-from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid, now_requested
+from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid
+from trainer.control import now_requested
 from trainer.memory_tier import MemoryTier
 from trainer.sdc import ParamGuard, PeerCorruption, SilentDataCorruption, flip_bit
 from trainer.data import IGNORE, VOCAB_SIZE, PackedLoader
