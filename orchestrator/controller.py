@@ -297,10 +297,12 @@ class Controller(Intake, Operations):
         return state
 
     def _warm_spares(self, state: Running) -> None:
-        """Once the attempt trains (not while it starts), the spares next in line get warm rank actors."""
+        """Once the attempt trains (not while it starts), the job's rank actors warm their next standbys and the
+        spares next in line get warm rank actors."""
         if self._warmed_for == self.attempt or not self.ledger.stepped():
             return
         self._warmed_for = self.attempt
+        state.group.refill_standbys()
         with self.lock:
             spares = [h for h in self.pool.usable() if self.pool.state(h) == HostState.SPARE and h in self.nodes]
         spares = spares[:self.cfg.controller.warm_spares]

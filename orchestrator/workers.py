@@ -40,8 +40,6 @@ class RankStatus:
 class RankProcess:
     """Ray actor body: owns one trainer rank process on this node, and a warm standby for the next attempt."""
 
-    STANDBY_DELAY_S = 5.0
-
     def __init__(self, host: str, cwd: str, warm: bool = True):
         self.rank, self.host, self.cwd, self.warm = -1, host, cwd, warm
         self.proc: subprocess.Popen | None = None
@@ -49,6 +47,7 @@ class RankProcess:
         self.log_path: Path | None = None
         self.control_dir: Path | None = None
         self._standby: subprocess.Popen | None = None
+        self._command: list[str] | None = None  # the user's trainer: a standby of ours is of no use to it
         self._spawn_standby()
 
     def _spawn_standby(self) -> None:
@@ -98,10 +97,7 @@ class RankProcess:
                 self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                              cwd=self.cwd, start_new_session=True)
         threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
-        if not command:  # the next standby warms up once this attempt is training, not while it starts
-            timer = threading.Timer(self.STANDBY_DELAY_S, self._refill, args=(self.proc,))
-            timer.daemon = True
-            timer.start()
+        self._command = command
         return self.proc.pid
 
     def rejoin(self, env: dict[str, str], log_path: str, control_dir: str) -> tuple[bool, int]:
@@ -117,9 +113,13 @@ class RankProcess:
         control.write_order(self.control_dir, self.rank, int(env[layout.ENV_ATTEMPT]), env, log_path)
         return True, p.pid
 
-    def _refill(self, started: subprocess.Popen) -> None:
-        if self._standby is None and started is self.proc and started.poll() is None:
-            self._spawn_standby()
+    def refill(self) -> bool:
+        """Warm the next standby (the controller asks once the attempt has stepped: on a small host, a torch
+        import beside a rank that is still starting delays its first step by seconds)."""
+        if self._standby is not None and self._standby.poll() is None or self._command:
+            return False
+        self._spawn_standby()
+        return self._standby is not None
 
     def _watch(self, proc: subprocess.Popen) -> None:
         proc.wait()
@@ -293,6 +293,11 @@ class WorkerGroup:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
                 unreachable.append(rank)
         return GroupStatus(tuple(ranks), tuple(unreachable))
+
+    def refill_standbys(self) -> None:
+        """Each rank actor warms its next standby, in the background (nothing waits for the imports)."""
+        for a in self.actors:
+            a.refill.remote()
 
     def inject(self, rank: int, fault: str, message: str = "", at_step: int = 0, sticky: bool = False) -> str:
         return ray.get(self.actors[rank].inject.remote(fault, message, at_step, sticky), timeout=10)

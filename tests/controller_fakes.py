@@ -39,6 +39,7 @@ class FakeGroup:
         self.unreachable = ()
         self.shutdowns, self.checkpoints = [], []
         self.rejoins, self.rejoin_error = [], None
+        self.refills = 0
 
     @property
     def world_size(self):
@@ -81,6 +82,9 @@ class FakeGroup:
 
     def inject(self, rank, fault, message="", at_step=0, sticky=False):
         return f"{fault} into rank {rank}"
+
+    def refill_standbys(self):
+        self.refills += 1
 
     def kill(self, rank):
         self.fail(rank, -9)

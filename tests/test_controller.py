@@ -87,10 +87,15 @@ def test_fatal_xid_fails_the_job_evicts_the_host_and_restarts_on_the_spare(make)
 
 def test_an_idle_spare_that_fails_is_taken_out_and_the_job_goes_on(make):
     ctrl, fleet, clock = running(make)
+    ctrl.tick()
+    assert fleet.groups[0].refills == 0  # the ranks still start: no standby imports torch beside them
     step(ctrl, clock, 7)
     event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 5)
     ctrl.tick()
     assert fleet.warmed == [(["host-4"], ["host-1", "host-2", "host-3"])]  # host-4 is the warm spare
+    assert fleet.groups[0].refills == 1  # the attempt trains: its rank actors warm their next standbys, once
+    ctrl.tick()
+    assert fleet.groups[0].refills == 1
     clock.advance(1)
     xid = Evidence("host-4", EvidenceKind.GPU_XID, clock(), "NVRM: Xid 79, GPU has fallen off the bus",
                    Severity.CRITICAL, gpu=0, code=79)
