@@ -185,6 +185,12 @@ class ControllerConfig:
     intervals (checkpoint stalls included) ..."""
     hang_floor_s: float = _f(10.0, gt=0)
     """... but never under this (the NCCL watchdog's default is 600 s; a stuck collective is found in seconds)."""
+    hang_suspect_s: float = _f(3.0, ge=0)
+    """Sooner still with the flight recorder's word: after no step for max(hang_suspect_s, hang_suspect_factor x the
+    same pace) the controller looks at every rank's flight recorder each hang_confirm_s; the same ranks missing from
+    the same stuck collective in two looks in a row, with still no step, is a hang (0: off)."""
+    hang_suspect_factor: float = _f(3.0, ge=1)
+    hang_confirm_s: float = _f(1.0, gt=0)
     startup_timeout_s: float = _f(120.0, gt=0)
     """An attempt whose first step has not completed after this long is hung (start, rendezvous, restore)."""
     dump_wait_s: float = 3.0

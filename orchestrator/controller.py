@@ -36,7 +36,7 @@ from herdsman.taxonomy import Action, RootCause
 from orchestrator.diagnose import Failure, diagnose, drain_verdict, hardware_cause
 from orchestrator.fleet import Fleet, Group, GroupStatusLike, RayFleet
 from orchestrator.accounts import account
-from orchestrator.hangs import flight_recorder_evidence, stalled
+from orchestrator.hangs import flight_recorder_evidence, stalled, stuck_signature, suspected
 from orchestrator.intake import Intake
 from orchestrator.ledger import JobLedger
 from orchestrator.operations import Operations
@@ -91,6 +91,7 @@ class Controller(Intake, Operations):
         self.heartbeats: dict[str, Heartbeat] = {}
         self.last_heard: dict[str, float] = {}  # controller clock: immune to host clock skew and queued reports
         self.seen_at: dict[str, float] = {}  # the host's clock: when its latest report was written (hang checks)
+        self._hang_look: tuple[float, tuple | None] | None = None  # the last flight-recorder look at a quiet job
         self.nodes: dict[str, str] = {}
         self.previous: list[str] = []
         self.group: Group | None = None
@@ -294,7 +295,34 @@ class Controller(Intake, Operations):
         if quiet is not None:
             self._decide(f"no step completed for {quiet:.0f} s with every rank alive: a hang")
             return Failing(state.group, progress, hang=True)
+        if self._hang_confirmed(state, every):
+            return Failing(state.group, progress, hang=True)
         return state
+
+    def _hang_confirmed(self, state: Running, every: int) -> bool:
+        """Ahead of the hang limit: once the attempt has been quiet long enough (hangs.suspected), look at the
+        flight recorder every hang_confirm_s (ask every rank for a dump; read what the previous ask wrote). The same
+        ranks missing from the same stuck collective in two looks in a row, and still no step, is a hang; a slow
+        step moves someone between the looks."""
+        c = self.cfg.controller
+        with self.lock:
+            quiet = suspected(self.ledger, c, every, self.seen_at.get(state.group.rank_hosts[0], 0.0))
+        now, look = self.clock(), self._hang_look
+        if quiet is None:
+            self._hang_look = None
+            return False
+        if look is not None and now - look[0] < c.hang_confirm_s:
+            return False
+        sig = stuck_signature(self.fleet, state.group) if look is not None else None
+        if sig is not None and look is not None and look[1] == sig:
+            missing = sorted({r for _, _, ranks, _ in sig for r in ranks})
+            self._decide(f"no step for {quiet:.1f} s and rank(s) {missing} missing from the same collective in two "
+                         f"flight-recorder looks {now - look[0]:.1f} s apart: a hang")
+            self._hang_look = None
+            return True
+        state.group.request_dumps()
+        self._hang_look = (now, sig)
+        return False
 
     def _warm_spares(self, state: Running) -> None:
         """Once the attempt trains (not while it starts), the job's rank actors warm their next standbys and the

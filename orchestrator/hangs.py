@@ -35,6 +35,30 @@ def stalled(ledger: JobLedger, c: ControllerConfig, every: int, started_at: floa
     return quiet if quiet > limit else None
 
 
+def suspected(ledger: JobLedger, c: ControllerConfig, every: int, seen: float) -> float | None:
+    """How long the attempt has gone without a step, once that is long enough to look at the flight recorder
+    (`hang_suspect_factor` x the pace `stalled` uses, at least `hang_suspect_s`); None before the attempt has a
+    steady pace (until then only `stalled` decides)."""
+    if c.hang_suspect_s <= 0 or not ledger.stepped():
+        return None
+    pace = ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
+    if pace is None:
+        return None
+    quiet = seen - ledger.last_progress()
+    return quiet if quiet > max(c.hang_suspect_s, c.hang_suspect_factor * pace) else None
+
+
+def stuck_signature(fleet: Fleet, group: Group) -> tuple | None:
+    """What the ranks' latest flight-recorder dumps show the group stuck on: per stuck collective, its process group,
+    sequence number, the ranks that never joined it and where each of them is; None when no rank is missing from
+    one (all at the same collective, or the dumps unreadable). Two equal signatures a while apart: nobody moved."""
+    hosts = [h for h in group.hosts if fleet.has_agent(h)]
+    summaries, refused, _ = fleet.flight_recorder(hosts, group.attempt, lambda _line: None)
+    analysis = analyse_fr(summaries, group.world_size, refused)
+    sig = tuple(sorted((s.pg, s.seq, s.missing, tuple(sorted(s.behind.items()))) for s in analysis.stuck if s.missing))
+    return sig or None
+
+
 def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang: bool,
                              wait_s: float, decide: Callable[[str], None],
                              blameless: frozenset[int] = frozenset()) -> list[Evidence]:

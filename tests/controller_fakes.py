@@ -39,7 +39,7 @@ class FakeGroup:
         self.unreachable = ()
         self.shutdowns, self.checkpoints = [], []
         self.rejoins, self.rejoin_error = [], None
-        self.refills = 0
+        self.refills = self.dump_requests = 0
 
     @property
     def world_size(self):
@@ -78,6 +78,7 @@ class FakeGroup:
         self.checkpoints.append(then_exit)
 
     def request_dumps(self, skip=frozenset()):
+        self.dump_requests += 1
         return []
 
     def inject(self, rank, fault, message="", at_step=0, sticky=False):
@@ -94,6 +95,7 @@ class FakeFleet:
     def __init__(self, clock, hosts=HOSTS):
         self.clock, self.hosts = clock, {h: f"node-{h}" for h in hosts}
         self.groups, self.problems, self.injected, self.warmed = [], {}, [], []
+        self.fr = []  # the flight-recorder summaries the agents would return
 
     def discover(self):
         return dict(self.hosts)
@@ -105,7 +107,7 @@ class FakeFleet:
         return []
 
     def flight_recorder(self, hosts, attempt, decide):
-        return [], [], []
+        return list(self.fr), [], []
 
     def has_agent(self, host):
         return host in self.hosts

@@ -8,6 +8,8 @@ cluster.
 
 import dataclasses
 
+import pytest
+
 from herdsman.events import (
     AgentReport,
     Evidence,
@@ -192,6 +194,58 @@ def test_a_hang_is_found_sooner_once_the_attempt_has_a_steady_pace(make):
     clock.advance(1.5)
     heartbeat_all(ctrl, clock)
     assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+
+
+def at_collective(**seqs):
+    """Flight-recorder summaries: rank -> the last collective it entered in the default group (r0=42, ...)."""
+    from agents.flight_recorder import Collective, RankSummary
+
+    return [RankSummary(int(r[1:]), {"0": tuple(Collective(s, "allreduce", ((512,),), "scheduled")
+                                                for s in range(seq - 2, seq + 1))}) for r, seq in seqs.items()]
+
+
+def steady(ctrl, clock, n=31):
+    for k in range(1, n + 1):  # 0.5 s steps, no saves in the window: the pace is 0.5 s
+        clock.advance(0.5)
+        step(ctrl, clock, k)
+
+
+def test_a_hang_the_flight_recorder_confirms_is_found_before_the_floor(make):
+    """No step for 3 s (hang_suspect_s; 3 x the 0.5 s pace is less): the controller looks at the flight recorder
+    each second; rank 1 missing from the same collective in two looks in a row is a hang, 5 s in, not 10."""
+    ctrl, fleet, clock = running(make)
+    steady(ctrl, clock)
+    fleet.fr = at_collective(r0=42, r1=41, r2=42)
+    clock.advance(2.5)
+    heartbeat_all(ctrl, clock)
+    assert not ctrl.tick() and fleet.groups[0].dump_requests == 0  # 2.5 s: not yet suspect
+    for _ in range(2):
+        clock.advance(1.0)
+        heartbeat_all(ctrl, clock)
+        assert not ctrl.tick() and isinstance(ctrl.state, Running)  # the first look asks; the second reads one
+    assert fleet.groups[0].dump_requests == 2
+    clock.advance(1.0)
+    heartbeat_all(ctrl, clock)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.hang
+    assert any("rank(s) [1] missing from the same collective in two flight-recorder looks" in d
+               for d in ctrl.decisions), ctrl.decisions[-3:]
+
+
+@pytest.mark.parametrize("moving", [True, False])
+def test_a_slow_step_is_not_a_hang_while_the_flight_recorder_moves(make, moving):
+    """Between two looks a rank moved on (or every rank is at the same collective: nobody is missing from it): no
+    hang before the floor; a step then ends the suspicion."""
+    ctrl, fleet, clock = running(make)
+    steady(ctrl, clock)
+    clock.advance(2.5)
+    for k in range(5):  # looks at 3.5, 4.5, ... 7.5 s of quiet
+        fleet.fr = at_collective(r0=42 + k, r1=41 + k, r2=42 + k) if moving else at_collective(r0=42, r1=42, r2=42)
+        clock.advance(1.0)
+        heartbeat_all(ctrl, clock)
+        assert not ctrl.tick() and isinstance(ctrl.state, Running)
+    assert fleet.groups[0].dump_requests == 5
+    step(ctrl, clock, 32)
+    assert not ctrl.tick() and ctrl._hang_look is None
 
 
 def test_a_resumed_attempt_that_hangs_on_its_first_step_is_found_within_the_hang_timeout(make):
