@@ -13,6 +13,11 @@ from orchestrator.fleet import Fleet, Group
 from orchestrator.ledger import JobLedger
 
 
+def _pace(ledger: JobLedger, every: int) -> float | None:
+    """The attempt's steady step interval of the kind now running (after a save step, or after the others)."""
+    return ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
+
+
 def stalled(ledger: JobLedger, c: ControllerConfig, every: int, started_at: float, seen: float,
             now: float) -> float | None:
     """How long the current attempt has gone without a step, when that is a hang; else None.
@@ -29,7 +34,7 @@ def stalled(ledger: JobLedger, c: ControllerConfig, every: int, started_at: floa
             quiet = seen - restored[0]  # ... plus rank 0's load time again, for the slowest rank's load
             return quiet if quiet > c.hang_timeout_s + restored[1] else None
         return now - started_at if now - started_at > max(c.hang_timeout_s, c.startup_timeout_s) else None
-    pace = ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
+    pace = _pace(ledger, every)
     limit = c.hang_timeout_s if pace is None else min(c.hang_timeout_s, max(c.hang_floor_s, c.hang_factor * pace))
     quiet = seen - ledger.last_progress()
     return quiet if quiet > limit else None
@@ -41,7 +46,7 @@ def suspected(ledger: JobLedger, c: ControllerConfig, every: int, seen: float) -
     steady pace (until then only `stalled` decides)."""
     if c.hang_suspect_s <= 0 or not ledger.stepped():
         return None
-    pace = ledger.longest_interval(every, every > 0 and ledger.last_step.get(ledger.attempt, 0) % every == 0)
+    pace = _pace(ledger, every)
     if pace is None:
         return None
     quiet = seen - ledger.last_progress()

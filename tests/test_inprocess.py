@@ -10,7 +10,7 @@ import pytest
 from herdsman.events import AgentReport, Evidence, EvidenceKind, Heartbeat, Severity, TrainerPhase
 from orchestrator.states import BackingOff, Failing, Running
 from tests.controller_fakes import event, heartbeat_all, running, step
-from trainer import rejoin
+from trainer import control, rejoin
 from trainer.faults import InjectedFault
 from trainer.sdc import PeerCorruption
 
@@ -40,18 +40,18 @@ def test_only_a_collective_broken_by_a_peer_makes_a_rank_wait_to_rejoin(error, w
 
 
 def test_a_rejoin_order_is_read_once_and_only_for_a_later_attempt(tmp_path):
-    rejoin.write_order(tmp_path, 2, 5, {"MASTER_PORT": "1234", "HERDSMAN_ATTEMPT": "5"}, "/tmp/x.log")
-    assert rejoin.pending(tmp_path, 2, 5) is None  # not later than the attempt it is in: stale, and gone
-    assert not rejoin.order_path(tmp_path, 2).exists()
-    rejoin.write_order(tmp_path, 2, 6, {"MASTER_PORT": "1234"}, "/tmp/x.log")
-    assert rejoin.pending(tmp_path, 1, 5) is None  # another rank's
-    order = rejoin.pending(tmp_path, 2, 5)
+    control.write_order(tmp_path, 2, 5, {"MASTER_PORT": "1234", "HERDSMAN_ATTEMPT": "5"}, "/tmp/x.log")
+    assert control.pending(tmp_path, 2, 5) is None  # not later than the attempt it is in: stale, and gone
+    assert not control.order_path(tmp_path, 2).exists()
+    control.write_order(tmp_path, 2, 6, {"MASTER_PORT": "1234"}, "/tmp/x.log")
+    assert control.pending(tmp_path, 1, 5) is None  # another rank's
+    order = control.pending(tmp_path, 2, 5)
     assert order["attempt"] == 6 and order["env"] == {"MASTER_PORT": "1234"} and order["log"] == "/tmp/x.log"
-    assert rejoin.pending(tmp_path, 2, 5) is None  # read once
+    assert control.pending(tmp_path, 2, 5) is None  # read once
     for body in ("{not json", json.dumps({"attempt": 9, "env": {"A": 1}}), json.dumps([1, 2]),
                  json.dumps({"attempt": "9", "env": {}})):
-        rejoin.order_path(tmp_path, 2).write_text(body)
-        assert rejoin.pending(tmp_path, 2, 5) is None and not rejoin.order_path(tmp_path, 2).exists()
+        control.order_path(tmp_path, 2).write_text(body)
+        assert control.pending(tmp_path, 2, 5) is None and not control.order_path(tmp_path, 2).exists()
     assert rejoin.wait(tmp_path, 2, 5, wait_s=0.1) is None  # none came: the rank exits
 
 

@@ -174,7 +174,7 @@ def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_los
     import time
 
     from tests.trainer_runs import ROOT, free_port, start
-    from trainer import rejoin
+    from trainer import control
 
     cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=3)
     ctl, stats = tmp_path / "ctl", tmp_path / "stats"
@@ -186,7 +186,7 @@ def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_los
 
     port = str(free_port())
     env = {"HERDSMAN_ATTEMPT": "1", "MASTER_PORT": port}
-    rejoin.write_order(ctl, 0, 1, env, str(tmp_path / "rank0-attempt1.log"))
+    control.write_order(ctl, 0, 1, env, str(tmp_path / "rank0-attempt1.log"))
     fresh = subprocess.Popen([sys.executable, "-m", "trainer.train", "--config", str(cfg)], cwd=ROOT,
                              env={**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "HERDSMAN_ATTEMPT": "1",

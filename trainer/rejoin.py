@@ -24,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from herdsman import layout
-from trainer.control import order_path, pending, write_order  # noqa: F401 (the order's file, both sides)
+from trainer.control import pending  # the order's file; the controller's side writes it (write_order)
 
 # what a collective says when the rank on the other end died, hung or aborted (gloo's transport, NCCL, c10d)
 _PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "Read error", "Write error",
