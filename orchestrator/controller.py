@@ -222,13 +222,13 @@ class Controller(Intake, Operations):
             for h in self.nodes:
                 self.responder.lemons.enroll(h, self.clock())
             self._persist_hosts()
-        self.fleet.ensure_agents(self.nodes, self.cfg.job, self._decide)
         n = self.cfg.cluster.worker_hosts
         with self.lock:
             if self.attempt not in self.ledger.marks["scheduled"]:
                 self.ledger.mark("scheduled", self.attempt, state.since)
         hosts = self.pool.place(n, self.previous)
         if hosts is None:
+            self.fleet.ensure_agents(self.nodes, self.cfg.job, self._decide)
             if self._unplaced_since is None:
                 self._unplaced_since = self.clock()
             if self.clock() - state.since > 60:
@@ -250,7 +250,9 @@ class Controller(Intake, Operations):
             self.ledger.mark("launched", self.attempt, self.attempt_started_at)
         self._decide(f"attempt {self.attempt}: starting {n * self.cfg.trainer.ranks_per_host} ranks on "
                      f"{', '.join(hosts)}")
+        # the rank actors of new hosts come up (and start importing the trainer) while the agents do
         self.group = self.fleet.start_group([(h, self.nodes[h]) for h in hosts], self.attempt, env)
+        self.fleet.ensure_agents(self.nodes, self.cfg.job, self._decide)
         self.previous = hosts
         self.group.start()
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)

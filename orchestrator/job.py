@@ -56,8 +56,8 @@ def launch_controller(config: HerdsmanConfig, new: bool = False) -> Any:
         # a dead controller is started again and carries on from the store; calls made meanwhile wait for it
         max_restarts=config.controller.controller_restarts, max_task_retries=-1,
     ).remote(config)
+    ray.get(ctrl.start.remote())  # the loop first: the job's start does not wait for the API's
     ray.get(ctrl.start_api.remote())
-    ray.get(ctrl.start.remote())
     return ctrl
 
 

@@ -46,7 +46,7 @@ class FakeGroup:
         return len(self.hosts)
 
     def start(self):
-        pass
+        getattr(self, "calls", []).append("start")
 
     def poll(self):
         ranks = tuple(RankStatus(r, self.rank_hosts[r], 100 + r, self.exit[r] is None, self.exit[r],
@@ -96,12 +96,14 @@ class FakeFleet:
         self.clock, self.hosts = clock, {h: f"node-{h}" for h in hosts}
         self.groups, self.problems, self.injected, self.warmed = [], {}, [], []
         self.fr = []  # the flight-recorder summaries the agents would return
+        self.calls = []  # "agents", "group", "start": the order the controller did them in
+
 
     def discover(self):
         return dict(self.hosts)
 
     def ensure_agents(self, nodes, job, decide):
-        pass
+        self.calls.append("agents")
 
     def gather(self, hosts, decide):
         return []
@@ -124,7 +126,9 @@ class FakeFleet:
 
     def start_group(self, placement, attempt, env):
         g = FakeGroup(placement, attempt, self.clock)
+        g.calls = self.calls
         self.groups.append(g)
+        self.calls.append("group")
         return g
 
     def close(self):

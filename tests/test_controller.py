@@ -54,6 +54,18 @@ def test_schedules_on_the_workers_keeps_a_spare_and_finishes(make):
     assert ctrl.records.flush(2) and ctrl.store.job("unit").state == "finished"
 
 
+def test_rank_actors_are_created_before_the_agents_are_awaited(make):
+    """The job's start does not wait for the agents to come up before its rank actors (and their trainer imports)
+    begin: the group is made, then the agents are ensured, then the ranks start; with no placement, the agents
+    are still ensured."""
+    ctrl, fleet, clock = running(make)
+    assert fleet.calls == ["group", "agents", "start"]
+    ctrl, fleet, clock = make()
+    fleet.hosts.pop("host-3"), fleet.hosts.pop("host-4")  # 3 hosts needed, 2 in the cluster
+    heartbeat_all(ctrl, clock, ["host-1", "host-2"])
+    assert not ctrl.tick() and isinstance(ctrl.state, Scheduling) and fleet.calls == ["agents"]
+
+
 def test_fatal_xid_fails_the_job_evicts_the_host_and_restarts_on_the_spare(make):
     ctrl, fleet, clock = running(make)
     assert not ctrl.tick() and fleet.warmed == []  # no spare is warmed while the attempt starts
