@@ -24,6 +24,7 @@ from herdsman.xid import XID_DOC, lookup_or_default, unit_cause
 
 MAX_EVIDENCE_PER_RULE_HOST = 20  # a log that repeats one message a million times is one finding, counted
 MAX_FAILURES = 1000  # failed ranks kept from one log (the earliest: diagnosis starts from the first)
+MAX_XIDS_PER_RECORD = 8  # distinct Xids read from one record (a prose summary may name a cascade)
 _TORCHRUN_FIELD = re2.compile(r"(?m)^\s*(host|rank|exitcode|traceback|error_file)\s*:\s*(.*)$")
 _ELASTIC_FAILED = re.compile(r"failed \(exitcode: (-?\d{1,5})\) local_rank: (\d{1,7})")
 _EXC_ONLY = re.compile(r"^(?:[A-Za-z_][\w.]{0,200}\.)?[A-Z]\w{0,100}(?:Error|Exception)(?:\[\w+\])?: \S")
@@ -48,9 +49,28 @@ def _quote(text: str, start: int, m) -> str:
     return text[a:b if b >= 0 else len(text)].strip()[:400]
 
 
+def _matches(hits: list, text: str) -> Iterator[tuple]:
+    """(rule, match) for each rule that matched: its first match; for an Xid rule, the first match of each distinct
+    Xid the record names ("Xid 137 ... followed by Xid 94"), up to MAX_XIDS_PER_RECORD. The set and a single pattern
+    disagree only on pathological inputs: such a rule is skipped, never failed on."""
+    for r in hits:
+        if r.cause != "xid":
+            m = r.search(text)
+            if m is not None:
+                yield r, m
+            continue
+        seen: set[str] = set()
+        for m in r.matches(text):
+            code = m.groupdict().get("code")
+            if code not in seen and len(seen) < MAX_XIDS_PER_RECORD:
+                seen.add(code)
+                yield r, m
+
+
 def evidence_of(rec: Record, rules: RuleSet | None = None, when: float | None = None,
                 source: str = "log") -> list[Evidence]:
-    """Every rule that matches the record raises one piece of evidence (the first of each group)."""
+    """Every rule that matches the record raises one piece of evidence (the first of each group; an Xid rule one per
+    distinct Xid)."""
     rules = rules or default()
     text = rec.text
     hits = rules.hits(text)
@@ -59,10 +79,7 @@ def evidence_of(rec: Record, rules: RuleSet | None = None, when: float | None = 
     t = rec.order if when is None else when
     peer_symptom = any(r.strength == Strength.PEER for r in hits)
     out = []
-    for r in hits:
-        m = r.search(text)
-        if m is None:  # the set and the single pattern disagree only on pathological inputs: skip, never fail
-            continue
+    for r, m in _matches(hits, text):
         groups = {k: v for k, v in m.groupdict().items() if v is not None and k != "quote"}
         host = groups.get("node") or rec.host
         line = _quote(text, m.start(), m)

@@ -9,6 +9,7 @@ only the rules that hit are run again for their named groups.
 from __future__ import annotations
 
 import enum
+import itertools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,13 @@ class Rule:
             if m:
                 return m
         return None
+
+    def matches(self, text: str, limit: int = 64) -> list:
+        """Up to `limit` matches of every pattern, in text order (a record may name several Xids)."""
+        out = []
+        for p in self.compiled:
+            out += itertools.islice(p.finditer(text), limit)
+        return sorted(out, key=lambda m: m.start())[:limit]
 
 
 _OPTS = re2.Options()

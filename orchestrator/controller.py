@@ -376,11 +376,11 @@ class Controller(Intake, Operations):
         status = group.poll()
         all_done = all(r.exit_code is not None for r in status.ranks)
         if not (state.hang or now_) and self.clock() < state.since + self.cfg.controller.failure_grace_s \
-                and not all_done and not self._all_told(group, status, state.since):
+                and not all_done and not self._all_told(group, status):
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.
-        reported = {r.rank for r in self._reported_failed(group)}
+        reported = {r.rank for r in self._reported_failed(group)} | {r.rank for r in status.ranks if r.reported}
         stuck = not all_done and (state.hang or bool(status.failed) or bool(reported))
         # a rank that reported its own exception is explained: it is not blamed for not joining a collective
         # ...nor asked for a dump: it wrote its own as it failed, and may still be on its way out
@@ -460,18 +460,15 @@ class Controller(Intake, Operations):
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(group, self.clock())
 
-    def _all_told(self, group: Group, status: GroupStatusLike, since: float) -> bool:
-        """Every rank has said its part (exited, or reported its failure and waits to rejoin) and every host's agent
-        has written a report since the failure began: what the agents saw up to it is in, so the rest of the grace
-        would wait for nothing. (The agents' reports carry the ranks' own; one report is at most agent.interval_s
-        away.)"""
+    def _all_told(self, group: Group, status: GroupStatusLike) -> bool:
+        """Every rank has said its part: exited, or reported its failure (through its rank actor's poll, or its
+        report through the agent) and waits to rejoin. The rest of the grace would wait for nothing: what the agents
+        saw is asked for next (Fleet.gather, a fresh cycle on each host), not awaited from their next report."""
         if status.unreachable:
             return False
-        told = {r.rank for r in status.ranks if r.exit_code is not None} | {r.rank for r in self._reported_failed(group)}
-        if len(told) < len(status.ranks):
-            return False
-        with self.lock:
-            return all(self.seen_at.get(h, 0.0) >= since for h in group.hosts)
+        told = ({r.rank for r in status.ranks if r.exit_code is not None or r.reported}
+                | {r.rank for r in self._reported_failed(group)})
+        return len(told) >= len(status.ranks)
 
     def _reported_failed(self, group: Group) -> list[RankFailure]:
         """Ranks of this attempt that reported their own failure (its traceback) and have not exited yet."""

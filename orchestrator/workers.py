@@ -35,6 +35,7 @@ class RankStatus:
     exit_code: int | None
     ended_at: float | None
     stderr_tail: str
+    reported: bool = False  # alive, but it reported its own failure (it waits to rejoin, or is on its way out)
 
 
 class RankProcess:
@@ -42,6 +43,7 @@ class RankProcess:
 
     def __init__(self, host: str, cwd: str, warm: bool = True):
         self.rank, self.host, self.cwd, self.warm = -1, host, cwd, warm
+        self.attempt = -1
         self.proc: subprocess.Popen | None = None
         self.ended_at: float | None = None
         self.log_path: Path | None = None
@@ -79,6 +81,7 @@ class RankProcess:
     def start(self, env: dict[str, str], log_path: str, control_dir: str, command: list[str] | None = None) -> int:
         self.stop()  # a leftover of the previous attempt
         self.rank, self.ended_at = int(env["RANK"]), None
+        self.attempt = int(env.get(layout.ENV_ATTEMPT, -1))
         self.log_path, self.control_dir = Path(log_path), Path(control_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = ["--config", env[layout.ENV_CONFIG]]
@@ -107,6 +110,7 @@ class RankProcess:
         if p is None or p.poll() is not None or self.rank != int(env["RANK"]):
             return False, self.start(env, log_path, control_dir)
         self.log_path, self.control_dir = Path(log_path), Path(control_dir)
+        self.attempt = int(env[layout.ENV_ATTEMPT])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"[rank actor on {self.host}] rank {self.rank}: kept process {p.pid} (in-process restart)\n")
@@ -132,8 +136,9 @@ class RankProcess:
         if code is not None and self.ended_at is None:
             self.ended_at = time.time()
         tail = self._tail() if code not in (None, 0) else ""
+        reported = code is None and p is not None and control.failed_in(self.control_dir, self.rank, self.attempt)
         return RankStatus(self.rank, self.host, p.pid if p else 0, p is not None and code is None, code,
-                          self.ended_at, tail)
+                          self.ended_at, tail, reported)
 
     def _tail(self, n: int = 8000) -> str:
         try:

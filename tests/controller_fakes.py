@@ -40,6 +40,7 @@ class FakeGroup:
         self.shutdowns, self.checkpoints = [], []
         self.rejoins, self.rejoin_error = [], None
         self.refills = self.dump_requests = 0
+        self.reported = set()  # live ranks whose rank actor saw them report their own failure
 
     @property
     def world_size(self):
@@ -50,7 +51,8 @@ class FakeGroup:
 
     def poll(self):
         ranks = tuple(RankStatus(r, self.rank_hosts[r], 100 + r, self.exit[r] is None, self.exit[r],
-                                 self.ended.get(r), self.stderr.get(r, "")) for r in self.exit)
+                                 self.ended.get(r), self.stderr.get(r, ""), self.exit[r] is None and r in self.reported)
+                      for r in self.exit)
         return GroupStatus(ranks, tuple(self.unreachable))
 
     def fail(self, rank, code=1, stderr=""):
@@ -106,6 +108,7 @@ class FakeFleet:
         self.calls.append("agents")
 
     def gather(self, hosts, decide):
+        self.calls.append("gather")
         return []
 
     def flight_recorder(self, hosts, attempt, decide):

@@ -39,6 +39,19 @@ def test_only_a_collective_broken_by_a_peer_makes_a_rank_wait_to_rejoin(error, w
     assert rejoin.peer_failure(error) is witness
 
 
+def test_a_rank_reports_its_failure_to_its_rank_actor_for_its_attempt_only(tmp_path):
+    """The fast path beside the stats stream: the rank actor's poll (orchestrator/workers.py) reads it."""
+    from trainer import control
+
+    assert not control.failed_in(tmp_path / "ctl", 1, 3) and not control.failed_in(None, 1, 3)
+    control.report_failed(tmp_path / "ctl", 1, 3)
+    assert control.failed_in(tmp_path / "ctl", 1, 3)
+    assert not control.failed_in(tmp_path / "ctl", 1, 4) and not control.failed_in(tmp_path / "ctl", 0, 3)
+    (tmp_path / "file").write_text("")
+    control.report_failed(tmp_path / "file" / "ctl", 1, 3)  # cannot be written: never raises, the stream remains
+    control.report_failed(None, 1, 3)
+
+
 def test_a_rejoin_order_is_read_once_and_only_for_a_later_attempt(tmp_path):
     control.write_order(tmp_path, 2, 5, {"MASTER_PORT": "1234", "HERDSMAN_ATTEMPT": "5"}, "/tmp/x.log")
     assert control.pending(tmp_path, 2, 5) is None  # not later than the attempt it is in: stale, and gone
@@ -145,22 +158,24 @@ def test_an_eviction_restarts_processes(make):
     assert ctrl.tick() and isinstance(ctrl.state, BackingOff) and fleet.groups[0].rejoins == []
 
 
-def test_the_grace_ends_once_every_rank_and_every_agent_has_spoken(make):
+def test_the_grace_ends_once_every_rank_has_spoken(make):
     """The failure grace waits for evidence; once each rank has said its part (exited, or reported the collective
-    a peer broke) and each host's agent has written a report since the failure, there is nothing left to wait for."""
+    a peer broke, through its host's agent or its rank actor) there is nothing left to wait for: the agents are
+    asked for a fresh report (Fleet.gather) instead of awaited."""
     ctrl, fleet, clock = running(make, inprocess_restart=True)
     step(ctrl, clock, 7)
     ctrl.tick()
     clock.advance(1)
     fleet.groups[0].fail(1, 1, "Traceback (most recent call last):\nKeyError: 'lr_scale'")
     assert ctrl.tick() and isinstance(ctrl.state, Failing)
-    clock.advance(0.3)
-    for rank, host in ((0, "host-1"), (2, "host-3")):  # the witnesses, through their hosts' agents
-        ctrl.report(AgentReport(Heartbeat(host, clock(), 1), evidence=(Evidence(
-            host, EvidenceKind.TRAINER_EXCEPTION, clock(), "RuntimeError: [gloo/transport/tcp/pair.cc:553] "
-            "Connection closed by peer [127.0.0.1]:5", Severity.CRITICAL, rank=rank, attrs={"attempt": 0}),)))
-    assert not ctrl.tick() and isinstance(ctrl.state, Failing)  # host-2's agent has not reported since
-    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 1)))
-    assert ctrl.tick() and isinstance(ctrl.state, Running)  # 0.3 s after the failure, not the 1 s grace
+    clock.advance(0.1)
+    ctrl.report(AgentReport(Heartbeat("host-1", clock(), 1), evidence=(Evidence(  # rank 0 through its agent
+        "host-1", EvidenceKind.TRAINER_EXCEPTION, clock(), "RuntimeError: [gloo/transport/tcp/pair.cc:553] "
+        "Connection closed by peer [127.0.0.1]:5", Severity.CRITICAL, rank=0, attrs={"attempt": 0}),)))
+    assert not ctrl.tick() and isinstance(ctrl.state, Failing)  # rank 2 has not said anything yet
+    assert "gather" not in fleet.calls
+    fleet.groups[0].reported.add(2)  # rank 2 through its rank actor (trainer/control.py's failed-rank file)
+    assert ctrl.tick() and isinstance(ctrl.state, Running)  # 0.1 s after the failure, not the 1 s grace
+    assert "gather" in fleet.calls
     assert ctrl.verdicts[-1].cause.value == "software_bug" and ctrl.verdicts[-1].ranks == (1,)
     assert fleet.groups[0].rejoins == [(1, {1})]

@@ -183,6 +183,7 @@ def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_los
     assert procs[1].wait(timeout=120) == -9
     time.sleep(0.5)
     assert procs[0].poll() is None  # a witness of its peer's death: it waits to rejoin
+    assert control.failed_in(ctl, 0, 0) and not control.failed_in(ctl, 0, 1)  # ... and its rank actor can tell
 
     port = str(free_port())
     env = {"HERDSMAN_ATTEMPT": "1", "MASTER_PORT": port}

@@ -6,6 +6,8 @@ wait). Fault requests are in trainer/faults.py (also torch-free).
     checkpoint-rank{R}.request   save at the next step ("exit": and then exit; a drain)
     dump-rank{R}.request         write the flight-recorder buffer now (trainer/flight_recorder.py)
     rejoin-rank{R}.json          rejoin a later attempt in this process (trainer/rejoin.py)
+    failed-rank{R}               the other way: this rank failed in the attempt it holds (the rank actor's poll
+                                 tells the controller at once, before the agent has read the rank's own report)
 """
 
 from __future__ import annotations
@@ -53,6 +55,30 @@ def request_dump(control_dir: Path, rank: int) -> Path:
     path = dump_request_path(_dir(control_dir), rank)
     path.touch()
     return path
+
+
+def report_failed(control_dir: Path | None, rank: int, attempt: int) -> None:
+    """The rank's side: it failed in `attempt` (and exits, or waits for an order to rejoin). Never raises: the
+    report through the stats stream stays the record; this is only the fast path."""
+    if control_dir is None:
+        return
+    try:
+        path = _dir(control_dir) / f"failed-rank{rank}"
+        tmp = path.with_suffix(".part")
+        tmp.write_text(str(attempt))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def failed_in(control_dir: Path | None, rank: int, attempt: int) -> bool:
+    """The rank actor's side: has this rank reported a failure in `attempt`?"""
+    if control_dir is None:
+        return False
+    try:
+        return (Path(control_dir) / f"failed-rank{rank}").read_text().strip() == str(attempt)
+    except (OSError, ValueError):
+        return False
 
 
 def order_path(control_dir: Path, rank: int) -> Path:

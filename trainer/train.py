@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from herdsman import HerdsmanError
 from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
 from herdsman.events import TrainerPhase
-from trainer import faults, flight_recorder, interval, rejoin
+from trainer import control, faults, flight_recorder, interval, rejoin
 from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid
 from trainer.control import now_requested
 from trainer.memory_tier import MemoryTier
@@ -271,6 +271,7 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
     except Exception as e:
         tb = traceback.format_exc()
         stats.event(TrainerPhase.FAILED, step=step, message=tb[-4000:])
+        control.report_failed(control_dir, env.rank, env.attempt)
         flight_recorder.dump(fr_dir, env.rank, env.attempt, backend)
         _log(env, f"failed at step {step}: {type(e).__name__}: {e}")
         print(tb, file=sys.stderr, flush=True)
