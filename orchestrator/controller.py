@@ -342,6 +342,7 @@ class Controller(Intake, Operations):
 
     def _failure_time(self, status: Any, state: Running) -> float | None:
         times = [r.ended_at or self.clock() for r in status.failed]
+        times += [r.reported_at for r in status.ranks if r.reported_at is not None]  # failed, waiting to rejoin
         if status.unreachable:
             times.append(self.clock())
         with self.lock:  # critical hardware evidence on a host of the job fails it even if no rank died yet, as
@@ -380,7 +381,8 @@ class Controller(Intake, Operations):
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
         # rank. Snapshots of ranks still making progress would differ by a few collectives and look like a hang.
-        reported = {r.rank for r in self._reported_failed(group)} | {r.rank for r in status.ranks if r.reported}
+        waiting = {r.rank for r in status.ranks if r.reported_at is not None}
+        reported = {r.rank for r in self._reported_failed(group)} | waiting
         stuck = not all_done and (state.hang or bool(status.failed) or bool(reported))
         # a rank that reported its own exception is explained: it is not blamed for not joining a collective
         # ...nor asked for a dump: it wrote its own as it failed, and may still be on its way out
@@ -434,11 +436,13 @@ class Controller(Intake, Operations):
                 or response.out or status.unreachable or not self.ledger.stepped(self.attempt):
             return None
         alive = {r.rank for r in status.ranks if r.running}
+        waiting = {r.rank for r in status.ranks if r.running and r.reported_at is not None}  # failed, sound, waiting
         if state.hang and not verdict.ranks:
             return None  # nobody named: a hung rank cannot be told from a waiting one
-        # the dead, and those the verdict names (a hung rank; one whose own code failed, on its way out)
-        anew = (set(range(state.group.world_size)) - alive) | set(verdict.ranks)
-        if not anew or len(anew) >= state.group.world_size:
+        # the dead, and those the verdict names that are not waiting (a hung rank; one on its way out); a named
+        # rank that waits (its own bug, its process sound) rejoins in place like the others
+        anew = (set(range(state.group.world_size)) - alive) | (set(verdict.ranks) - waiting)
+        if len(anew) >= state.group.world_size or not (anew or waiting):
             return None
         return anew
 
@@ -466,7 +470,7 @@ class Controller(Intake, Operations):
         saw is asked for next (Fleet.gather, a fresh cycle on each host), not awaited from their next report."""
         if status.unreachable:
             return False
-        told = ({r.rank for r in status.ranks if r.exit_code is not None or r.reported}
+        told = ({r.rank for r in status.ranks if r.exit_code is not None or r.reported_at is not None}
                 | {r.rank for r in self._reported_failed(group)})
         return len(told) >= len(status.ranks)
 

@@ -35,7 +35,7 @@ class RankStatus:
     exit_code: int | None
     ended_at: float | None
     stderr_tail: str
-    reported: bool = False  # alive, but it reported its own failure (it waits to rejoin, or is on its way out)
+    reported_at: float | None = None  # alive, failed then, waiting for an order to rejoin (control.failed_at)
 
 
 class RankProcess:
@@ -136,7 +136,8 @@ class RankProcess:
         if code is not None and self.ended_at is None:
             self.ended_at = time.time()
         tail = self._tail() if code not in (None, 0) else ""
-        reported = code is None and p is not None and control.failed_in(self.control_dir, self.rank, self.attempt)
+        reported = (control.failed_at(self.control_dir, self.rank, self.attempt) if code is None and p is not None
+                    else None)
         return RankStatus(self.rank, self.host, p.pid if p else 0, p is not None and code is None, code,
                           self.ended_at, tail, reported)
 

@@ -40,7 +40,7 @@ class FakeGroup:
         self.shutdowns, self.checkpoints = [], []
         self.rejoins, self.rejoin_error = [], None
         self.refills = self.dump_requests = 0
-        self.reported = set()  # live ranks whose rank actor saw them report their own failure
+        self.reported = {}  # live rank -> when it reported its failure and began to wait (its rank actor saw it)
 
     @property
     def world_size(self):
@@ -51,7 +51,8 @@ class FakeGroup:
 
     def poll(self):
         ranks = tuple(RankStatus(r, self.rank_hosts[r], 100 + r, self.exit[r] is None, self.exit[r],
-                                 self.ended.get(r), self.stderr.get(r, ""), self.exit[r] is None and r in self.reported)
+                                 self.ended.get(r), self.stderr.get(r, ""),
+                                 self.reported.get(r) if self.exit[r] is None else None)
                       for r in self.exit)
         return GroupStatus(ranks, tuple(self.unreachable))
 

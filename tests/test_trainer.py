@@ -183,7 +183,7 @@ def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_los
     assert procs[1].wait(timeout=120) == -9
     time.sleep(0.5)
     assert procs[0].poll() is None  # a witness of its peer's death: it waits to rejoin
-    assert control.failed_in(ctl, 0, 0) and not control.failed_in(ctl, 0, 1)  # ... and its rank actor can tell
+    assert control.failed_at(ctl, 0, 0) and control.failed_at(ctl, 0, 1) is None  # ... and its rank actor can tell
 
     port = str(free_port())
     env = {"HERDSMAN_ATTEMPT": "1", "MASTER_PORT": port}
@@ -211,11 +211,17 @@ def test_a_rank_that_saw_its_peer_die_rejoins_in_its_own_process_on_the_same_los
     assert all(got[s] == want[s] for s in got), [(s, got[s], want[s]) for s in got if got[s] != want[s]]
 
 
-def test_a_rank_whose_own_code_failed_does_not_wait_to_rejoin(tmp_path):
+@pytest.mark.parametrize("message, sound", [("KeyError: 'lr_scale'", True),
+                                            ("CUDA error: an illegal memory access was encountered", False)])
+def test_a_rank_whose_own_code_failed_waits_to_rejoin_only_if_its_process_is_sound(tmp_path, message, sound):
+    from trainer import control
+
     cfg = write_config(tmp_path / "h.toml", tmp_path / "run", steps=6, checkpoint_every=3, rejoin_wait_s=2.0)
-    faults.request(tmp_path / "ctl", 1, "exception", "boom", at_step=2)
+    faults.request(tmp_path / "ctl", 1, "exception", message, at_step=2)
     runs = launch(cfg, WORLD, 0, tmp_path / "stats", tmp_path / "ctl", extra_env={"HERDSMAN_INPROCESS": "1"},
                   timeout=120)
-    assert runs[1].returncode == 1 and "keeping this process" not in runs[1].stdout
-    assert "keeping this process" in runs[0].stdout  # the witness waited (rejoin_wait_s), then gave up
+    assert runs[1].returncode == 1
+    assert ("this rank failed, its process is sound: keeping this process" in runs[1].stdout) is sound
+    assert (control.failed_at(tmp_path / "ctl", 1, 0) is not None) is sound  # told its rank actor it waits
+    assert "a peer failed: keeping this process" in runs[0].stdout  # the witness waited (rejoin_wait_s), gave up
     assert "no order to rejoin came: exiting" in runs[0].stdout and runs[0].returncode == 1

@@ -6,8 +6,9 @@ wait). Fault requests are in trainer/faults.py (also torch-free).
     checkpoint-rank{R}.request   save at the next step ("exit": and then exit; a drain)
     dump-rank{R}.request         write the flight-recorder buffer now (trainer/flight_recorder.py)
     rejoin-rank{R}.json          rejoin a later attempt in this process (trainer/rejoin.py)
-    failed-rank{R}               the other way: this rank failed in the attempt it holds (the rank actor's poll
-                                 tells the controller at once, before the agent has read the rank's own report)
+    failed-rank{R}               the other way: this rank failed in the attempt it holds and waits to rejoin (the
+                                 rank actor's poll tells the controller at once, before the agent has read the
+                                 rank's own report)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def request_dump(control_dir: Path, rank: int) -> Path:
 
 
 def report_failed(control_dir: Path | None, rank: int, attempt: int) -> None:
-    """The rank's side: it failed in `attempt` (and exits, or waits for an order to rejoin). Never raises: the
+    """The rank's side: it failed in `attempt` and waits for an order to rejoin, in its process. Never raises: the
     report through the stats stream stays the record; this is only the fast path."""
     if control_dir is None:
         return
@@ -71,14 +72,15 @@ def report_failed(control_dir: Path | None, rank: int, attempt: int) -> None:
         pass
 
 
-def failed_in(control_dir: Path | None, rank: int, attempt: int) -> bool:
-    """The rank actor's side: has this rank reported a failure in `attempt`?"""
+def failed_at(control_dir: Path | None, rank: int, attempt: int) -> float | None:
+    """The rank actor's side: when this rank reported a failure in `attempt` (None: it did not)."""
     if control_dir is None:
-        return False
+        return None
+    path = Path(control_dir) / f"failed-rank{rank}"
     try:
-        return (Path(control_dir) / f"failed-rank{rank}").read_text().strip() == str(attempt)
+        return path.stat().st_mtime if path.read_text().strip() == str(attempt) else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def order_path(control_dir: Path, rank: int) -> Path:

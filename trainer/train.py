@@ -271,32 +271,41 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
     except Exception as e:
         tb = traceback.format_exc()
         stats.event(TrainerPhase.FAILED, step=step, message=tb[-4000:])
-        control.report_failed(control_dir, env.rank, env.attempt)
+        # a collective broken by a peer, or a bug of this rank's own that left the process sound: it keeps its
+        # process and waits to rejoin; its rank actor tells the controller at once (trainer/control.py)
+        peer = rejoin.peer_failure(e)
+        waits = rejoin.enabled() and (peer or rejoin.fit_to_rejoin(e))
+        if waits:
+            control.report_failed(control_dir, env.rank, env.attempt)
         flight_recorder.dump(fr_dir, env.rank, env.attempt, backend)
         _log(env, f"failed at step {step}: {type(e).__name__}: {e}")
         print(tb, file=sys.stderr, flush=True)
         if ckpt is not None and ckpt.in_flight:
-            # let the save in flight land: its peers are still alive unless they are what failed (then their
-            # sockets close and it fails at once), and a committed save is work not lost
+            # let the save in flight land: a committed save is work not lost. Its peers are alive when this rank's
+            # own code failed; when a peer failed, a save that needs it mostly fails at once, but one stuck on it
+            # would hold a rank that waits to rejoin for the collective timeout: a short wait, then it is abandoned
+            wait_s = min(10.0, cfg.collective_timeout_s, 2.0 if waits and peer else 10.0)
             try:
-                _saves_done(env, lambda: ckpt.wait(timeout_s=min(10.0, cfg.collective_timeout_s)), stats, config,
-                            None)
+                _saves_done(env, lambda: ckpt.wait(timeout_s=wait_s), stats, config, None)
             except CheckpointError as err:
                 _log(env, f"the checkpoint in flight was not committed: {err}")
-            if ckpt.in_flight:  # still stuck: its thread would hold the interpreter's exit until its timeout
+            if ckpt.in_flight and not waits:  # its thread would hold the interpreter's exit until its timeout
                 sys.stdout.flush()
                 os._exit(1)
+            if ckpt.in_flight:  # closing the checkpointer (_await_rejoin) abandons it: it can no longer commit
+                _log(env, f"the checkpoint in flight did not land within {wait_s:.0f} s: abandoned")
         stats.close()
-        if not (rejoin.enabled() and rejoin.peer_failure(e)):
+        if not waits:
             return 1, None
-        return 1, _await_rejoin(env, cfg, control_dir, ckpt, watcher)
+        return 1, _await_rejoin(env, cfg, control_dir, ckpt, watcher, peer=peer)
 
 
 def _await_rejoin(env: DistEnv, cfg: TrainerConfig, control_dir: Path | None, ckpt: Checkpointer | None,
-                  watcher: flight_recorder.DumpOnRequest) -> dict[str, Any] | None:
-    """This rank only saw a peer fail: it keeps its process and waits for the controller's order to rejoin the
-    next attempt (trainer/rejoin.py). What this attempt held is let go first: the checkpointer (its files stay,
-    for the restore), the dump watcher, the broken process group."""
+                  watcher: flight_recorder.DumpOnRequest, peer: bool = True) -> dict[str, Any] | None:
+    """This rank saw a peer fail (or its own code raised, leaving the process sound): it keeps its process and
+    waits for the controller's order to rejoin the next attempt (trainer/rejoin.py). What this attempt held is let
+    go first: the checkpointer (its files stay, for the restore), the dump watcher, the process group (leaving it
+    is what tells the peers, whose collective then breaks)."""
     watcher.stop()
     if ckpt is not None:
         try:
@@ -304,8 +313,8 @@ def _await_rejoin(env: DistEnv, cfg: TrainerConfig, control_dir: Path | None, ck
         except Exception as err:  # a broken group may fail to tear down; nothing of it is used again
             _log(env, f"closing the checkpointer: {type(err).__name__}: {err}")
     rejoin.leave_group()
-    _log(env, f"a peer failed: keeping this process (pid {os.getpid()}), waiting up to {cfg.rejoin_wait_s:.0f} s "
-              f"for an order to rejoin")
+    _log(env, f"{'a peer failed' if peer else 'this rank failed, its process is sound'}: keeping this process "
+              f"(pid {os.getpid()}), waiting up to {cfg.rejoin_wait_s:.0f} s for an order to rejoin")
     order = rejoin.wait(control_dir, env.rank, env.attempt, cfg.rejoin_wait_s)
     if order is None:
         _log(env, "no order to rejoin came: exiting (the controller restarts processes)")
