@@ -436,13 +436,11 @@ class Controller(Intake, Operations):
                 or response.out or status.unreachable or not self.ledger.stepped(self.attempt):
             return None
         alive = {r.rank for r in status.ranks if r.running}
-        waiting = {r.rank for r in status.ranks if r.running and r.reported_at is not None}  # failed, sound, waiting
         if state.hang and not verdict.ranks:
             return None  # nobody named: a hung rank cannot be told from a waiting one
-        # the dead, and those the verdict names that are not waiting (a hung rank; one on its way out); a named
-        # rank that waits (its own bug, its process sound) rejoins in place like the others
-        anew = (set(range(state.group.world_size)) - alive) | (set(verdict.ranks) - waiting)
-        if len(anew) >= state.group.world_size or not (anew or waiting):
+        # the dead, and those the verdict names (a hung rank; one whose own code failed, on its way out)
+        anew = (set(range(state.group.world_size)) - alive) | set(verdict.ranks)
+        if not anew or len(anew) >= state.group.world_size:
             return None
         return anew
 

@@ -39,22 +39,6 @@ def test_only_a_collective_broken_by_a_peer_makes_a_rank_wait_to_rejoin(error, w
     assert rejoin.peer_failure(error) is witness
 
 
-@pytest.mark.parametrize("error, sound", [
-    (InjectedFault("boom"), True),
-    (KeyError("lr_scale"), True),
-    (ValueError("shapes (4, 128) and (256,) not aligned"), True),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
-    (_raised(ValueError("during the step"), RuntimeError("NCCL error: unhandled cuda error")), False),
-    (MemoryError(), False),
-    (PeerCorruption("rank(s) [1] failed their parameter check"), False),
-    (KeyboardInterrupt(), False),
-])
-def test_a_rank_whose_own_bug_left_its_process_sound_waits_to_rejoin_too(error, sound):
-    """A Python-level bug of the rank's own: the process is fit to restore in place; a device, memory or SDC
-    error anywhere in the chain is not (a new process)."""
-    assert rejoin.fit_to_rejoin(error) is sound
-
-
 def test_a_rank_reports_its_failure_to_its_rank_actor_for_its_attempt_only(tmp_path):
     """The fast path beside the stats stream: the rank actor's poll (orchestrator/workers.py) reads it."""
     from trainer import control
@@ -117,28 +101,6 @@ def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_processes(make):
     assert ctrl.records.flush(2)
     (it,) = ctrl.store.interruptions("unit")
     assert it.restart_s is not None and it.resumed_step == 5
-
-
-def test_a_rank_whose_own_bug_left_its_process_sound_rejoins_in_place(make):
-    """Rank 1's own code raised (a KeyError) and it waits, as do the witnesses: nobody is started anew, every
-    process is kept; the failure counts from rank 1's report to its rank actor, not from the agent's."""
-    ctrl, fleet, clock = running(make, inprocess_restart=True)
-    step(ctrl, clock, 7)
-    ctrl.tick()
-    clock.advance(1)
-    failed_at = clock()
-    group = fleet.groups[0]
-    group.reported[1] = failed_at
-    assert ctrl.tick() and isinstance(ctrl.state, Failing) and ctrl.state.since == failed_at
-    clock.advance(0.2)
-    group.reported.update({0: clock(), 2: clock()})
-    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 1), evidence=(Evidence(
-        "host-2", EvidenceKind.TRAINER_EXCEPTION, failed_at, "Traceback (most recent call last):\nKeyError: 'lr_scale'",
-        Severity.CRITICAL, rank=1, attrs={"attempt": 0}),)))
-    assert ctrl.tick() and isinstance(ctrl.state, Running)
-    assert ctrl.verdicts[-1].cause.value == "software_bug" and ctrl.verdicts[-1].ranks == (1,)
-    assert group.rejoins == [(1, set())] and group.shutdowns == []
-    assert any("rank(s) [0, 1, 2] keep their processes" in d for d in ctrl.decisions)
 
 
 @pytest.mark.parametrize("named", [(2,), ()])

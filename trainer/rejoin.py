@@ -51,31 +51,6 @@ def peer_failure(e: BaseException) -> bool:
     return False
 
 
-# An exception of the rank's own that leaves the process unfit to go on: the device's state is gone (a sticky CUDA
-# error, a dead communicator), memory ran out, or the numbers can no longer be trusted. A new process, then.
-_UNFIT_TEXT = ("CUDA error", "CUDA driver error", "cuda runtime error", "CUBLAS_STATUS", "CUDNN_STATUS", "NCCL error",
-               "ncclUnhandledCudaError", "ncclSystemError", "illegal memory access", "device-side assert",
-               "uncorrectable ECC", "out of memory", "Xid")
-_UNFIT_TYPES = ("MemoryError", "OutOfMemoryError", "SilentDataCorruption", "PeerCorruption", "AcceleratorError")
-
-
-def fit_to_rejoin(e: BaseException) -> bool:
-    """This rank's own code raised `e` (a Python-level bug: a KeyError, an assertion, a bad batch): the process is
-    sound, so it can wait to rejoin like a peer's witness, and restore the checkpoint in place; unless anything in
-    the chain says the device, memory or numbers are not (_UNFIT_TEXT, _UNFIT_TYPES)."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if not isinstance(x, Exception) or type(x).__name__ in _UNFIT_TYPES:
-            return False
-        text = str(x).lower()
-        if any(t.lower() in text for t in _UNFIT_TEXT):
-            return False
-        x = x.__cause__ or x.__context__
-    return True
-
-
 def wait(control_dir: Path | None, rank: int, attempt: int, wait_s: float, poll_s: float = 0.05
          ) -> dict[str, Any] | None:
     """Wait up to `wait_s` for an order to rejoin a later attempt."""

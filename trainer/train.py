@@ -271,10 +271,11 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
     except Exception as e:
         tb = traceback.format_exc()
         stats.event(TrainerPhase.FAILED, step=step, message=tb[-4000:])
-        # a collective broken by a peer, or a bug of this rank's own that left the process sound: it keeps its
-        # process and waits to rejoin; its rank actor tells the controller at once (trainer/control.py)
-        peer = rejoin.peer_failure(e)
-        waits = rejoin.enabled() and (peer or rejoin.fit_to_rejoin(e))
+        # a collective broken by a peer: this rank keeps its process and waits to rejoin, and its rank actor tells
+        # the controller at once (trainer/control.py). A rank whose own code failed exits: gloo cannot release the
+        # peers blocked in a collective with it short of closing its sockets (destroying or aborting the group
+        # does not), and they would wait for the collective timeout.
+        waits = rejoin.enabled() and rejoin.peer_failure(e)
         if waits:
             control.report_failed(control_dir, env.rank, env.attempt)
         flight_recorder.dump(fr_dir, env.rank, env.attempt, backend)
@@ -284,7 +285,7 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
             # let the save in flight land: a committed save is work not lost. Its peers are alive when this rank's
             # own code failed; when a peer failed, a save that needs it mostly fails at once, but one stuck on it
             # would hold a rank that waits to rejoin for the collective timeout: a short wait, then it is abandoned
-            wait_s = min(10.0, cfg.collective_timeout_s, 2.0 if waits and peer else 10.0)
+            wait_s = min(10.0, cfg.collective_timeout_s, 2.0 if waits else 10.0)
             try:
                 _saves_done(env, lambda: ckpt.wait(timeout_s=wait_s), stats, config, None)
             except CheckpointError as err:
@@ -297,15 +298,14 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
         stats.close()
         if not waits:
             return 1, None
-        return 1, _await_rejoin(env, cfg, control_dir, ckpt, watcher, peer=peer)
+        return 1, _await_rejoin(env, cfg, control_dir, ckpt, watcher)
 
 
 def _await_rejoin(env: DistEnv, cfg: TrainerConfig, control_dir: Path | None, ckpt: Checkpointer | None,
-                  watcher: flight_recorder.DumpOnRequest, peer: bool = True) -> dict[str, Any] | None:
-    """This rank saw a peer fail (or its own code raised, leaving the process sound): it keeps its process and
-    waits for the controller's order to rejoin the next attempt (trainer/rejoin.py). What this attempt held is let
-    go first: the checkpointer (its files stay, for the restore), the dump watcher, the process group (leaving it
-    is what tells the peers, whose collective then breaks)."""
+                  watcher: flight_recorder.DumpOnRequest) -> dict[str, Any] | None:
+    """This rank only saw a peer fail: it keeps its process and waits for the controller's order to rejoin the
+    next attempt (trainer/rejoin.py). What this attempt held is let go first: the checkpointer (its files stay,
+    for the restore), the dump watcher, the broken process group."""
     watcher.stop()
     if ckpt is not None:
         try:
@@ -313,8 +313,8 @@ def _await_rejoin(env: DistEnv, cfg: TrainerConfig, control_dir: Path | None, ck
         except Exception as err:  # a broken group may fail to tear down; nothing of it is used again
             _log(env, f"closing the checkpointer: {type(err).__name__}: {err}")
     rejoin.leave_group()
-    _log(env, f"{'a peer failed' if peer else 'this rank failed, its process is sound'}: keeping this process "
-              f"(pid {os.getpid()}), waiting up to {cfg.rejoin_wait_s:.0f} s for an order to rejoin")
+    _log(env, f"a peer failed: keeping this process (pid {os.getpid()}), waiting up to {cfg.rejoin_wait_s:.0f} s "
+              f"for an order to rejoin")
     order = rejoin.wait(control_dir, env.rank, env.attempt, cfg.rejoin_wait_s)
     if order is None:
         _log(env, "no order to rejoin came: exiting (the controller restarts processes)")
