@@ -96,7 +96,7 @@ def bench_torchrun(reps: int, warm_steps: int, settle_s: float) -> list[float]:
             pid = next(r["pid"] for r in _records(stats, 1, attempt) if r["kind"] == "event")
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
-            out.append(_first_step_after(stats, attempt + 1) - t_kill)
+            out.append(_first_step_after(stats, attempt)[0] - t_kill)
             print(f"  torchrun  rep {attempt + 1}: {out[-1]:.2f} s", flush=True)
     finally:
         _stop_torchrun(proc, stats)

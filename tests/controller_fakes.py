@@ -72,6 +72,7 @@ class FakeGroup:
             raise self.rejoin_error
         self.rejoins.append((attempt, set(anew)))
         self.attempt = attempt
+        self.reported = {}  # a report names its attempt: the next one starts with none
         for r in anew:
             self.exit[r] = None
             self.ended.pop(r, None)

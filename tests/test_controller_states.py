@@ -69,6 +69,7 @@ def test_failing_to_running_is_an_in_process_restart(make):
     step(ctrl, clock, 3)
     fleet.groups[0].fail(1, -9)
     assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    fleet.groups[0].reported.update({0: clock(), 2: clock()})  # the witnesses wait to rejoin
     clock.advance(1.5)
     assert ctrl.tick() and isinstance(ctrl.state, Running) and ctrl.state.group is fleet.groups[0]
     assert ctrl.attempt == 1 and fleet.groups[0].rejoins == [(1, {1})]

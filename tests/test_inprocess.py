@@ -70,14 +70,18 @@ def test_a_rejoin_order_is_read_once_and_only_for_a_later_attempt(tmp_path):
     assert rejoin.wait(tmp_path, 2, 5, wait_s=0.1) is None  # none came: the rank exits
 
 
-def _dies(ctrl, fleet, clock, rank=1):
-    """Rank `rank` dies after progress; the others (witnesses) report their broken collective and live on."""
+def _dies(ctrl, fleet, clock, rank=1, stuck=()):
+    """Rank `rank` dies after progress; the others (witnesses) report their broken collective to their rank actors
+    and live on, waiting to rejoin; those in `stuck` neither report nor exit."""
     step(ctrl, clock, 7)
     event(ctrl, clock, TrainerPhase.CHECKPOINT, 0, 5)
     ctrl.tick()
     clock.advance(1)
-    fleet.groups[0].fail(rank, -9)
+    group = fleet.groups[0]
+    group.fail(rank, -9)
     assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    clock.advance(0.1)
+    group.reported.update({r: clock() for r in range(group.world_size) if r != rank and r not in stuck})
     clock.advance(1.5)
     return ctrl.tick()
 
@@ -101,6 +105,15 @@ def test_a_dead_rank_is_replaced_and_the_others_rejoin_in_their_processes(make):
     assert ctrl.records.flush(2)
     (it,) = ctrl.store.interruptions("unit")
     assert it.restart_s is not None and it.resumed_step == 5
+
+
+def test_a_rank_that_neither_waits_nor_exits_after_the_grace_is_started_anew(make):
+    """Rank 1 dies; rank 0 waits to rejoin; rank 2 is stuck (in a collective with rank 0, which left its gloo group
+    with its sockets open): ordered to rejoin it would come a collective timeout late, so it starts anew."""
+    ctrl, fleet, clock = running(make, inprocess_restart=True)
+    assert _dies(ctrl, fleet, clock, stuck=(2,)) and isinstance(ctrl.state, Running)
+    assert fleet.groups[0].rejoins == [(1, {1, 2})]
+    assert any("rank(s) [0] keep their processes, rank(s) [1, 2] start anew" in d for d in ctrl.decisions)
 
 
 @pytest.mark.parametrize("named", [(2,), ()])
@@ -142,6 +155,7 @@ def test_an_order_that_cannot_be_given_falls_back_to_processes(make):
     fleet.groups[0].rejoin_error = RuntimeError("rank actor gone")
     fleet.groups[0].fail(1, -9)
     ctrl.tick()
+    fleet.groups[0].reported.update({0: clock(), 2: clock()})  # the witnesses wait to rejoin
     clock.advance(1.5)
     assert ctrl.tick() and isinstance(ctrl.state, BackingOff)
     assert fleet.groups[0].shutdowns == [()] and ctrl.attempt == 1
