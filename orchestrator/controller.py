@@ -440,15 +440,14 @@ class Controller(Intake, Operations):
             return None  # nobody named: a hung rank cannot be told from a waiting one
         # the dead, and those the verdict names (a hung rank; one whose own code failed, on its way out)
         anew = (set(range(state.group.world_size)) - alive) | set(verdict.ranks)
-        if not state.hang:
-            # A rank died or failed and the grace is over: one still alive that has not reported is stuck,
-            # most often in a collective (or a save) with a witness that left its gloo group, whose sockets stay
-            # open until the collective timeout. Ordered to rejoin, it would come 30 s late and fail the attempt's
-            # rendezvous; it starts anew instead. (In a hang the others wait on the named rank: stopping it frees
-            # them.)
-            said = {r.rank for r in status.ranks if r.reported_at is not None} | {
-                r.rank for r in self._reported_failed(state.group)}
-            anew |= alive - said
+        waiting = {r.rank for r in status.ranks if r.running and r.reported_at is not None}
+        if waiting and not state.hang:
+            # A witness already left its gloo group, whose sockets stay open until the collective timeout: a rank
+            # still alive that has not reported once the grace is over is most likely stuck in a collective (or a
+            # save) with it. Ordered to rejoin, it would come 30 s late and fail the attempt's rendezvous; it
+            # starts anew instead. (While nobody has left, the others wait on the dead or named rank, and stopping
+            # it frees them; in a hang, the same.)
+            anew |= alive - waiting - {r.rank for r in self._reported_failed(state.group)}
         if not anew or len(anew) >= state.group.world_size:
             return None
         return anew

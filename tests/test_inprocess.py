@@ -116,6 +116,22 @@ def test_a_rank_that_neither_waits_nor_exits_after_the_grace_is_started_anew(mak
     assert any("rank(s) [0] keep their processes, rank(s) [1, 2] start anew" in d for d in ctrl.decisions)
 
 
+def test_ranks_that_wait_on_the_named_rank_are_kept_while_nobody_has_left(make):
+    """Rank 1's own code failed and it is still on its way out (a save in flight), past the grace: the others are
+    blocked on it, not on a witness that left; stopping it frees them, so they are kept."""
+    ctrl, fleet, clock = running(make, inprocess_restart=True)
+    step(ctrl, clock, 7)
+    ctrl.tick()
+    clock.advance(1)
+    ctrl.report(AgentReport(Heartbeat("host-2", clock(), 1), evidence=(Evidence(
+        "host-2", EvidenceKind.TRAINER_EXCEPTION, clock(), "Traceback (most recent call last):\nKeyError: 'lr_scale'",
+        Severity.CRITICAL, rank=1, attrs={"attempt": 0}),)))
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    clock.advance(1.5)
+    assert ctrl.tick() and isinstance(ctrl.state, Running)
+    assert fleet.groups[0].rejoins == [(1, {1})] and ctrl.verdicts[-1].ranks == (1,)
+
+
 @pytest.mark.parametrize("named", [(2,), ()])
 def test_a_hung_rank_named_by_the_verdict_is_replaced(make, monkeypatch, named):
     """Every rank alive, no step for the hang timeout: the rank the verdict names is stopped and started anew, the
