@@ -213,6 +213,11 @@ class GroupStatus:
     def failed(self) -> list[RankStatus]:
         return sorted((r for r in self.ranks if r.exit_code not in (None, 0)), key=lambda r: r.ended_at or 0)
 
+    @property
+    def waiting(self) -> set[int]:
+        """Ranks alive that reported their failure to their rank actor and wait for an order to rejoin."""
+        return {r.rank for r in self.ranks if r.running and r.reported_at is not None}
+
     def failures(self, now: float) -> list[RankFailure]:
         out = [RankFailure(r.rank, r.host, r.ended_at or now, r.exit_code, r.stderr_tail) for r in self.failed]
         return out

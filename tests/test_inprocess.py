@@ -136,11 +136,11 @@ def test_ranks_that_wait_on_the_named_rank_are_kept_while_nobody_has_left(make):
 def test_a_hung_rank_named_by_the_verdict_is_replaced(make, monkeypatch, named):
     """Every rank alive, no step for the hang timeout: the rank the verdict names is stopped and started anew, the
     others rejoin; with nobody named, a hung rank cannot be told from a waiting one and every process restarts."""
-    import orchestrator.controller as controller
+    import orchestrator.failures as failures
     from herdsman.events import Verdict
     from herdsman.taxonomy import RootCause
 
-    monkeypatch.setattr(controller, "diagnose", lambda failure, evidence: Verdict(
+    monkeypatch.setattr(failures, "diagnose", lambda failure, evidence: Verdict(
         RootCause.NCCL_WATCHDOG_TIMEOUT, 0.9, ("host-3",) if named else (), named, (), reason="a hang"))
     ctrl, fleet, clock = running(make, inprocess_restart=True)
     step(ctrl, clock, 4)

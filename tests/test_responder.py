@@ -5,7 +5,7 @@ import pytest
 from herdsman.config import ControllerConfig, load_config
 from herdsman.events import AgentReport, Evidence, EvidenceKind, Heartbeat, HostState, Severity, TrainerPhase, Verdict
 from herdsman.taxonomy import Action, RootCause
-from orchestrator import controller as controller_module
+from orchestrator import failures as failures_module
 from orchestrator.controller import Controller
 from orchestrator.policy import HostPool
 from orchestrator.responder import FailureResponder
@@ -90,7 +90,7 @@ def through_the_controller(tmp_path, monkeypatch):
                 clock.advance(1)
                 event(ctrl, clock, TrainerPhase.CHECKPOINT, ctrl.attempt, step)
             v = verdict(cause, blamed, evidence, group.hosts)
-            monkeypatch.setattr(controller_module, "diagnose", lambda failure, evidence, v=v: v)
+            monkeypatch.setattr(failures_module, "diagnose", lambda failure, evidence, v=v: v)
             for r in group.exit:
                 group.fail(r, 1)
             ctrl.tick()

@@ -38,7 +38,6 @@ from herdsman.config import HerdsmanConfig, TrainerConfig, load_config
 from herdsman.events import TrainerPhase
 from trainer import control, faults, flight_recorder, interval, rejoin
 from trainer.checkpoint import Checkpointer, CheckpointError, committed, latest_valid
-from trainer.control import now_requested
 from trainer.memory_tier import MemoryTier
 from trainer.sdc import ParamGuard, PeerCorruption, SilentDataCorruption, flip_bit
 from trainer.data import IGNORE, VOCAB_SIZE, PackedLoader
@@ -228,7 +227,7 @@ def _attempt(config: HerdsmanConfig, t_start: float, kept: bool) -> tuple[int, d
             if injected == "bitflip":  # after the update and its checksum: memory corrupted at rest
                 _log(env, f"fault injection: {flip_bit(model.parameters())} at step {step}")
             # one all-reduce carries the loss, the "checkpoint now" / "then exit" votes and the SDC checksums
-            save_now, then_exit = now_requested(control_dir, env.rank)
+            save_now, then_exit = control.now_requested(control_dir, env.rank)
             if env.rank == 0 and cfg.checkpoint_interval_s and time.monotonic() - last_save >= cfg.checkpoint_interval_s:
                 save_now = True
             votes = torch.tensor([float(save_now), float(then_exit)], dtype=torch.float64, device=env.device)
