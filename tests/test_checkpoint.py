@@ -305,7 +305,7 @@ class Killed(BaseException):
 def _watch(monkeypatch, root: Path, kill_at: int | None = None) -> list[tuple[str, str | None]]:
     """Every rename, exchange and deletion from here on: (which, the save id latest_valid would load after it);
     the `kill_at`-th (1-based) raises Killed instead of happening, as a kill -9 right before it would."""
-    import trainer.checkpoint as ckmod
+    import trainer.checkpoint_dirs as ckdirs
 
     seen: list[tuple[str, str | None]] = []
 
@@ -319,7 +319,7 @@ def _watch(monkeypatch, root: Path, kill_at: int | None = None) -> list[tuple[st
             return out
         return run
 
-    monkeypatch.setattr(ckmod, "_exchange", hook("exchange", getattr(ckmod, "_exchange", None)), raising=False)
+    monkeypatch.setattr(ckdirs, "_exchange", hook("exchange", ckdirs._exchange))
     monkeypatch.setattr(os, "replace", hook("replace", os.replace))
     monkeypatch.setattr(shutil, "rmtree", hook("rmtree", shutil.rmtree))
     return seen
@@ -348,7 +348,7 @@ def test_a_resave_replaces_the_step_with_a_whole_checkpoint_at_every_instant(tmp
 def test_a_resave_without_an_atomic_exchange_has_a_single_rename_window(tmp_path, monkeypatch):
     import errno
 
-    import trainer.checkpoint as ckmod
+    import trainer.checkpoint_dirs as ckdirs
 
     def unsupported(a, b):
         raise OSError(errno.EINVAL, "RENAME_EXCHANGE not supported")
@@ -356,7 +356,7 @@ def test_a_resave_without_an_atomic_exchange_has_a_single_rename_window(tmp_path
     root = tmp_path / "t"
     ck = Checkpointer(root, 3, 0, 1, log=lambda m: None)
     ck._commit(_saved(root, 4, "a"))
-    monkeypatch.setattr(ckmod, "_exchange", unsupported, raising=False)
+    monkeypatch.setattr(ckdirs, "_exchange", unsupported)
     seen = _watch(monkeypatch, root, kill_at=3)  # killed between the two renames
     with pytest.raises(Killed):
         ck._commit(_saved(root, 4, "b"))
@@ -367,7 +367,7 @@ def test_a_resave_without_an_atomic_exchange_has_a_single_rename_window(tmp_path
     ck._commit(_saved(root, 4, "c"))  # the next save of step 4 finds none: a plain rename; the sweep tidies
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
     # and without a kill: old aside, new in, old deleted after
-    monkeypatch.setattr(ckmod, "_exchange", unsupported, raising=False)
+    monkeypatch.setattr(ckdirs, "_exchange", unsupported)
     seen = _watch(monkeypatch, root)
     ck._commit(_saved(root, 4, "d"))
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.trainer_runs import ROOT, free_port
-from trainer import memory_tier
+from trainer import save_writer, snapshots
 
 PROBE = r"""
 import os, sys, time, json, torch, torch.distributed as dist
@@ -32,12 +32,12 @@ def step():
     optim.zero_grad()
 def params():
     return {{k: v.to_local().clone() for k, v in model.state_dict().items()}}
-from trainer import memory_tier
-real_copy = memory_tier.Snapshot.copy
+from trainer import snapshots
+real_copy = snapshots.Snapshot.copy
 def slow_copy(self):  # a copy slower than the next step: only the optimizer's pre-hook keeps the snapshot whole
     time.sleep(0.5)
     real_copy(self)
-memory_tier.Snapshot.copy = slow_copy
+snapshots.Snapshot.copy = slow_copy
 root, mem = Path({tmp!r}) / "ckpt", Path({tmp!r}) / "mem"
 memory = MemoryTier(mem, 0, 1, 1, None)
 ck = Checkpointer(root, 2, 0, 1, async_save=True, memory=memory, background=True, log=lambda m: None)
@@ -84,35 +84,35 @@ def test_a_background_save_writes_the_state_of_its_step_while_training_moves_on(
 def test_spare_cores_counts_what_the_ranks_leave_free(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert memory_tier.spare_cores() == 3  # one rank, one thread, four cores
+    assert save_writer.spare_cores() == 3  # one rank, one thread, four cores
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert memory_tier.spare_cores() == 0  # its intra-op threads take them all
+    assert save_writer.spare_cores() == 0  # its intra-op threads take them all
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert memory_tier.spare_cores() == 0
+    assert save_writer.spare_cores() == 0
 
 
 def test_snapshots_reuse_their_buffers_and_keep_the_shape_of_the_state(tmp_path):
     state = {"w": torch.arange(10, dtype=torch.float32), "s": torch.tensor(3), 7: [(0.9, 0.95), None, "x"],
              "h": torch.zeros(0, 4, dtype=torch.bfloat16)}
     buffers: dict = {}
-    first = memory_tier.snapshot(state, buffers, 0)
+    first = snapshots.snapshot(state, buffers, 0)
     first.copy()
     state["w"] += 1  # the next save copies into the same buffer: no new memory, no page faults
-    second = memory_tier.snapshot(state, buffers, 0)
+    second = snapshots.snapshot(state, buffers, 0)
     second.copy()
     assert second.buffer is first.buffer and second.copied.is_set()
     views = second.buffer.views
     assert torch.equal(views[0], torch.arange(1, 11, dtype=torch.float32)) and views[1].item() == 3
     assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in views)  # DCP writes no clone
-    back = memory_tier._decode(second.tree, views.__getitem__)
+    back = snapshots.decode_tree(second.tree, views.__getitem__)
     assert back[7] == [(0.9, 0.95), None, "x"] and back["h"].shape == (0, 4)
     bad = list(second.buffer.layout[0])
     bad[3] += 4  # a layout that does not fit the payload is refused, never read out of bounds
     with pytest.raises(ValueError):
-        memory_tier._view(second.buffer.array, *bad)
+        snapshots.tensor_at(second.buffer.array, *bad)
     with pytest.raises(TypeError):
-        memory_tier._encode({"f": object()}, [])
+        snapshots.encode_tree({"f": object()}, [])
 
 
 RESTART = r"""

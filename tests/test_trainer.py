@@ -224,3 +224,38 @@ def test_a_rank_whose_own_code_failed_does_not_wait_to_rejoin(tmp_path):
     assert control.failed_at(tmp_path / "ctl", 1, 0) is None and control.failed_at(tmp_path / "ctl", 0, 0)
     assert "keeping this process" in runs[0].stdout  # the witness waited (rejoin_wait_s), then gave up
     assert "no order to rejoin came: exiting" in runs[0].stdout and runs[0].returncode == 1
+
+
+def test_a_rank_exits_without_waiting_for_the_interpreters_teardown():
+    """exit_now skips teardown: a failed rank's gloo peers are released when its sockets close, so its exit must
+    not wait on torch's C++ destructors (0.6 s measured) or on anything left running, as this thread."""
+    import subprocess
+    import sys
+
+    from tests.trainer_runs import ROOT
+
+    code = ("import threading, time\nfrom trainer.train import exit_now\n"
+            "threading.Thread(target=time.sleep, args=(600,)).start()\nprint('leaving', flush=True)\nexit_now(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and r.stdout == "leaving\n", r.stderr[-2000:]
+
+
+def test_a_standby_becomes_the_rank_it_is_given_and_exits_with_its_code(tmp_path):
+    """The warm standby (trainer/warm.py) takes the attempt's environment and log file from one line on stdin and
+    ends with the trainer's own exit code (2: a configuration the trainer refuses)."""
+    import json as json_
+    import subprocess
+    import sys
+
+    from tests.trainer_runs import ROOT
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trainer]\nsteps = 'many'\n")
+    log = tmp_path / "logs" / "rank0.log"
+    standby = subprocess.Popen([sys.executable, "-m", "trainer.warm"], cwd=ROOT, stdin=subprocess.PIPE, text=True)
+    spec = {"env": {"RANK": "0", "WORLD_SIZE": "1"}, "log": str(log), "argv": ["--config", str(bad)]}
+    standby.communicate(json_.dumps(spec) + "\n", timeout=120)
+    assert standby.returncode == 2
+    assert "trainer: error:" in log.read_text() and "steps" in log.read_text()
+    idle = subprocess.run([sys.executable, "-m", "trainer.warm"], cwd=ROOT, input="", timeout=120)
+    assert idle.returncode == 0  # its parent went away before it was needed

@@ -10,14 +10,9 @@ checkpoint, saying why. Retention never deletes the newest checkpoint that verif
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import os
-import re
 import secrets
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer.checkpoint_dirs import (TMP_NAME, committed, discard, fsync, fsync_own, latest_valid, pin, step_dir,
+                                     swap_in, unpin)
 from trainer.manifest import (  # the manifest's code lives there; re-exported from here
     MANIFEST,
     PIN,
@@ -44,56 +41,13 @@ from trainer.manifest import (  # the manifest's code lives there; re-exported f
     verify,
     write_manifest,
 )
-from trainer.memory_tier import (HostBuffer, MemoryTier, Snapshot, Writer, copy_into, dcp_write, snapshot,
-                                 spare_cores)
+from trainer.memory_tier import MemoryTier, copy_into
+from trainer.save_writer import Writer, dcp_write, spare_cores
+from trainer.snapshots import HostBuffer, Snapshot, snapshot
 
 __all__ = ["MANIFEST", "PIN", "SUSPECT", "CheckpointError", "CheckpointInfo", "Checkpointer", "Pending", "committed",
            "latest_valid", "pin", "spare_cores", "step_dir", "unpin", "verify",
            "write_manifest"]
-_NAME = re.compile(r"^step-(\d{8})$")
-_TMP = re.compile(r"^step-(\d{8})\..*\.tmp$")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step-{step:08d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_own(tmp: Path, rank: int) -> None:
-    """Make this rank's part of a DCP save durable: its data files (`__<rank>_*`) and, on the coordinator, the
-    metadata (DCP was told not to: its fsyncs would hold the training loop)."""
-    for f in tmp.iterdir():
-        if f.name.startswith(f"__{rank}_") or (rank == 0 and f.name == ".metadata"):
-            _fsync(f)
-
-
-def committed(root: Path) -> list[Path]:
-    """Committed checkpoint directories under root, newest first (by name; verification is separate)."""
-    root = Path(root)
-    if not root.exists():
-        return []
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint root {root} is not a directory")
-    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True)
-
-
-def latest_valid(root: Path, warn: Callable[[str], None] = print) -> CheckpointInfo | None:
-    """The newest checkpoint that verifies; each one skipped is reported through `warn`."""
-    for p in committed(root):
-        try:
-            return verify(p)
-        except CheckpointError as e:
-            warn(f"skipping checkpoint: {e}")
-    return None
-
-
 class Pending:
     """One save in flight: DCP writes in a background thread; the commit follows on rank 0."""
 
@@ -309,7 +263,7 @@ class Checkpointer:
                 snap.copy()
                 p.cpu_s += self._writer.write(snap, p.tmp)  # collective over the writers' own group
             else:
-                _fsync_own(p.tmp, self.rank)
+                fsync_own(p.tmp, self.rank)
             if self.memory is not None:
                 p.memory_bytes = self.memory.publish(snap)
             # on rank 0 (DCP's coordinator) this follows every rank's write; the sum is also a barrier for the
@@ -338,10 +292,10 @@ class Checkpointer:
         write_manifest(p.tmp, p.step, self.world_size, p.save_id)
         final = step_dir(self.root, p.step)
         if os.path.lexists(final):  # a re-save of the same step (a restart resumed from an older checkpoint)
-            _swap_in(p.tmp, final, p.save_id)
+            swap_in(p.tmp, final, p.save_id)
         else:
             os.replace(p.tmp, final)
-            _fsync(self.root)
+            fsync(self.root)
         # the manifest was just computed from these very files: no need to read them again for retention
         self._verified[final] = (fingerprint(final), True)
         p.committed = True
@@ -430,12 +384,12 @@ class Checkpointer:
             keep.add(good)
         for old in found:
             if old not in keep and not (old / PIN).exists():  # an operator's pin outlives retention
-                _discard(old, "retired")
+                discard(old, "retired")
         self._verified = {p: v for p, v in self._verified.items() if p in keep}
         # leftovers of saves that died (other attempts' temporary directories) older than what is kept
         newest = int(found[0].name.split("-")[1]) if found and self.keep else 0
         for p in self.root.iterdir():
-            m = _TMP.match(p.name)
+            m = TMP_NAME.match(p.name)
             if m and int(m.group(1)) <= newest and p != self._pending_tmp():
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -502,72 +456,3 @@ class Checkpointer:
                 if flag.item():
                     return self._apply(state, model, optim, rng_key), "memory"
         return self.load(info, model, optim), "disk"
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _discard(path: Path, tag: str) -> None:
-    """Delete a committed checkpoint without ever leaving a half-deleted one under a committed name (a kill in
-    the middle of rmtree would): rename it out of the committed namespace first, atomically."""
-    gone = path.with_name(f"{path.name}.{tag}.tmp")
-    os.replace(path, gone)
-    _remove(gone)
-
-
-@functools.cache
-def _renameat2() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-    return fn
-
-
-def _exchange(a: Path, b: Path) -> None:
-    """Swap two names in one atomic step (Linux renameat2 with RENAME_EXCHANGE)."""
-    fn = _renameat2()
-    if fn is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(b))
-
-
-def _swap_in(new: Path, final: Path, tag: str) -> None:
-    """Put the directory `new` in the place of the committed `final`, of the same step (a re-save).
-
-    The old one is deleted only once the new one is in place. Where the file system can exchange two names
-    atomically (Linux, renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs, ...), `final` names a whole committed
-    directory at every instant: the old one up to the exchange, the new one from it; the old one then lies under
-    new's temporary name (swept by retention if we die before deleting it). Elsewhere it takes two renames, old ->
-    `final.<tag>.replaced.tmp`, new -> `final`: the window without `final` is that single rename (nothing else
-    happens in between; no deletion), and a kill inside it leaves the old one whole under the `.replaced.tmp` name,
-    with every older checkpoint still loadable."""
-    try:
-        _exchange(new, final)
-        old = new
-    except OSError as e:
-        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-            raise
-        old = final.with_name(f"{final.name}.{tag}.replaced.tmp")
-        os.replace(final, old)
-        os.replace(new, final)
-    _fsync(final.parent)
-    _remove(old)
-
-
-def pin(path: Path, note: str = "") -> None:
-    """Keep a committed checkpoint beyond retention (an operator's choice: a known-good state, a release)."""
-    verify(path)
-    (Path(path) / PIN).write_text(note + "\n")
-
-
-def unpin(path: Path) -> None:
-    (Path(path) / PIN).unlink(missing_ok=True)
