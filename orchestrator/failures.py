@@ -34,7 +34,7 @@ class FailureHandling:
         group = state.group
         status = group.poll()
         all_done = all(r.exit_code is not None for r in status.ranks)
-        if not (state.hang or now_) and self.clock() < state.since + self.cfg.controller.failure_grace_s \
+        if not (state.hang or now_) and not self._grace_over(state, status) \
                 and not all_done and not self._all_told(group, status):
             return state  # let the other ranks and the agents catch up
         # Dumps of live ranks tell something only when they are stuck: in a hang, or blocked behind a failed
@@ -125,6 +125,22 @@ class FailureHandling:
                      f"rank(s) {kept} keep their processes, rank(s) {fresh} start anew")
         self.records.upsert_job(self.cfg.job, state="running", attempt=self.attempt)
         return Running(group, self.clock())
+
+    def _grace_over(self, state: Failing, status: Any) -> bool:
+        """The failure grace (`failure_grace_s`: for the other ranks' reports and the agents' evidence) is over, or
+        cut short: a witness waits to rejoin, and the ranks still silent have had twice the attempt's longest step
+        interval since to hear of the failure. A witness keeps its gloo sockets open while it waits (gloo closes them
+        only when its process exits: destroying or aborting the group does not, once FSDP has used it), so a rank
+        blocked in a collective with it never hears of the failure; any other rank does at its next collective,
+        within a step. The silent ones are then started anew (`_in_process`)."""
+        now, c = self.clock(), self.cfg.controller
+        if now >= state.since + c.failure_grace_s:
+            return True
+        waited = [r.reported_at for r in status.ranks if r.rank in status.waiting and r.reported_at is not None]
+        every = self.cfg.trainer.checkpoint_every
+        paces = [p for p in (self.ledger.longest_interval(every, False), self.ledger.longest_interval(every, True))
+                 if p is not None]
+        return bool(waited and paces) and now >= min(waited) + max(c.poll_interval_s, 2 * max(paces))
 
     def _all_told(self, group: Group, status: GroupStatusLike) -> bool:
         """Every rank has said its part: exited, or reported its failure (through its rank actor's poll, or its

@@ -116,6 +116,27 @@ def test_a_rank_that_neither_waits_nor_exits_after_the_grace_is_started_anew(mak
     assert any("rank(s) [0] keep their processes, rank(s) [1, 2] start anew" in d for d in ctrl.decisions)
 
 
+def test_a_silent_rank_is_taken_for_stuck_two_step_intervals_after_a_witness_waits(make):
+    """Steps every 0.2 s: a rank not blocked on the witness (which keeps its gloo sockets open while it waits)
+    hears of the failure at its next collective; one still silent 0.4 s after the witness began to wait is stuck,
+    and the failure is handled then, not at the end of the 1 s grace."""
+    ctrl, fleet, clock = running(make, inprocess_restart=True)
+    for n in range(1, 26):
+        step(ctrl, clock, n)
+        clock.advance(0.2)
+    ctrl.tick()
+    group = fleet.groups[0]
+    group.fail(1, -9)
+    assert ctrl.tick() and isinstance(ctrl.state, Failing)
+    clock.advance(0.1)
+    group.reported[0] = clock()  # rank 0 waits to rejoin; rank 2 says nothing
+    clock.advance(0.3)
+    assert not ctrl.tick() and isinstance(ctrl.state, Failing)  # rank 2 may still be finishing its step
+    clock.advance(0.15)
+    assert ctrl.tick() and isinstance(ctrl.state, Running)  # 0.55 s after the failure
+    assert group.rejoins == [(1, {1, 2})]
+
+
 def test_ranks_that_wait_on_the_named_rank_are_kept_while_nobody_has_left(make):
     """Rank 1's own code failed and it is still on its way out (a save in flight), past the grace: the others are
     blocked on it, not on a witness that left; stopping it frees them, so they are kept."""

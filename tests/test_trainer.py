@@ -259,3 +259,30 @@ def test_a_standby_becomes_the_rank_it_is_given_and_exits_with_its_code(tmp_path
     assert "trainer: error:" in log.read_text() and "steps" in log.read_text()
     idle = subprocess.run([sys.executable, "-m", "trainer.warm"], cwd=ROOT, input="", timeout=120)
     assert idle.returncode == 0  # its parent went away before it was needed
+
+
+def test_a_rank_connects_to_the_store_once_its_server_listens():
+    """Ranks other than 0 wait for rank 0's store server with bare connections (TCPStore's own retry backs off
+    for 0.25-0.45 s: see bench/mttr.py's rendezvous leg); nothing listening is reported after the timeout."""
+    import socket
+    import threading
+    import time
+
+    from tests.trainer_runs import free_port
+    from trainer.train import await_listener
+
+    port = free_port()
+    assert await_listener("127.0.0.1", port, 0.2) is False
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def listen_later():
+        time.sleep(0.3)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    threading.Thread(target=listen_later).start()
+    try:
+        assert await_listener("127.0.0.1", port, 60) is True
+    finally:
+        server.close()
