@@ -261,6 +261,10 @@ class Controller(Intake, Operations, FailureHandling):
     def _watch(self, state: Running) -> State:
         status = state.group.poll()
         if status.finished:
+            # the last steps reach the controller through the agents, which may not have read them yet (a rank that
+            # finished exits at once): their fresh reports are asked for, as after a failure, before the job is done
+            for r in self.fleet.gather(state.group.hosts, self._decide):
+                self.report(r)
             state.group.shutdown()  # the job is over: no actor is kept
             self._decide(f"job reached step {self.cfg.trainer.steps}")
             return Finished()

@@ -101,6 +101,7 @@ class FakeFleet:
         self.groups, self.problems, self.injected, self.warmed = [], {}, [], []
         self.fr = []  # the flight-recorder summaries the agents would return
         self.calls = []  # "agents", "group", "start": the order the controller did them in
+        self.fresh = []  # what the agents had not sent yet: the reports the next gather returns
 
 
     def discover(self):
@@ -111,7 +112,8 @@ class FakeFleet:
 
     def gather(self, hosts, decide):
         self.calls.append("gather")
-        return []
+        out, self.fresh = self.fresh, []
+        return out
 
     def flight_recorder(self, hosts, attempt, decide):
         return list(self.fr), [], []

@@ -8,14 +8,19 @@ on the restart path. If its parent goes away, stdin closes and it exits.
 from __future__ import annotations
 
 import json
+import select
 import sys
-
-import torch._dynamo  # noqa: F401  (FSDP's first fully_shard imports it: 0.36 s of a restart's model build)
 
 from trainer import rejoin, train  # (the point: import now, run later)
 
 
 def main() -> int:
+    if not select.select([sys.stdin], [], [], 0)[0]:
+        # Nothing to run yet: pay FSDP's first-use import (fully_shard imports torch._dynamo: 0.36 s of a restart's
+        # model build) while waiting. A standby whose rank is already asked for (a job's first attempt, whose
+        # standbys are still importing when it is launched) starts it at once and imports it there, beside the
+        # other ranks, instead of making them wait in the rendezvous.
+        import torch._dynamo  # noqa: F401
     line = sys.stdin.readline()
     if not line:
         return 0
