@@ -138,8 +138,9 @@ class FailureHandling:
             return True
         waited = [r.reported_at for r in status.ranks if r.rank in status.waiting and r.reported_at is not None]
         every = self.cfg.trainer.checkpoint_every
-        paces = [p for p in (self.ledger.longest_interval(every, False), self.ledger.longest_interval(every, True))
-                 if p is not None]
+        with self.lock:  # the intake threads add steps to the ledger
+            paces = [p for p in (self.ledger.longest_interval(every, False),
+                                 self.ledger.longest_interval(every, True)) if p is not None]
         return bool(waited and paces) and now >= min(waited) + max(c.poll_interval_s, 2 * max(paces))
 
     def _all_told(self, group: Group, status: GroupStatusLike) -> bool:
