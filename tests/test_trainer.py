@@ -262,8 +262,8 @@ def test_a_standby_becomes_the_rank_it_is_given_and_exits_with_its_code(tmp_path
 
 
 def test_a_rank_connects_to_the_store_once_its_server_listens():
-    """Ranks other than 0 wait for rank 0's store server with bare connections (TCPStore's own retry backs off
-    for 0.25-0.45 s: see bench/mttr.py's rendezvous leg); nothing listening is reported after the timeout."""
+    """Ranks other than 0 wait for rank 0's store server with bare connections (TCPStore's own retry waits out a
+    back-off: see await_listener); nothing listening is reported after the timeout."""
     import socket
     import threading
     import time

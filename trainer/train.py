@@ -87,9 +87,9 @@ def init_distributed(cfg: TrainerConfig) -> DistEnv:
 
 def await_listener(addr: str, port: int, timeout_s: float, poll_s: float = 0.01) -> bool:
     """Wait until something listens on addr:port (rank 0's store server); False if nothing did within timeout_s.
-    A TCPStore client that finds no server retries only after a back-off: 0.25-0.45 s measured when the server
-    came up 50-300 ms after it, which is most of a restart's rendezvous whenever rank 0's process starts a little
-    after the others. A bare connection every 10 ms finds it at once (the server takes it for a client that left)."""
+    A TCPStore client that finds no server retries only after a back-off: with the server 50-300 ms late, the client
+    connected 0.3-0.6 s after it began (measured), most of a restart's rendezvous whenever rank 0's process starts
+    a little after the others. A bare connection every 10 ms finds it at once (the server takes it for a client that left)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
