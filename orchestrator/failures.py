@@ -136,7 +136,7 @@ class FailureHandling:
         now, c = self.clock(), self.cfg.controller
         if now >= state.since + c.failure_grace_s:
             return True
-        waited = [r.reported_at for r in status.ranks if r.rank in status.waiting and r.reported_at is not None]
+        waited = [r.reported_at for r in status.ranks if r.rank in status.waiting]
         every = self.cfg.trainer.checkpoint_every
         with self.lock:  # the intake threads add steps to the ledger
             paces = [p for p in (self.ledger.longest_interval(every, False),
