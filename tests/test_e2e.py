@@ -609,7 +609,8 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
 
     from orchestrator.job import controller_of
 
-    cfg = replace(job_config(tmp_path, "detached", trainer={"steps": 60}), cluster=replace(
+    # a second a step: the CLI calls below (each a fresh Python importing Ray) must all land while it runs
+    cfg = replace(job_config(tmp_path, "detached", trainer={"steps": 60, "step_delay_s": 1.0}), cluster=replace(
         load_config().cluster, address=cluster.address))
     conf = write_toml(tmp_path / "detached.toml", cfg)
     client = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--config", conf],
@@ -673,7 +674,7 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
     assert old.state == "finished" and old.last_step == 60 and jobs["detached"].state == "stopped"
 
     # stop --drain: the ranks save a fresh checkpoint, then the job stops
-    cfg2 = replace(cfg, job="drained", trainer=replace(cfg.trainer, steps=400))
+    cfg2 = replace(cfg, job="drained", trainer=replace(cfg.trainer, steps=400, step_delay_s=0.05))
     conf2 = write_toml(tmp_path / "drained.toml", cfg2)
     r = herdsman_cli("submit", "--config", conf2)
     assert r.returncode == 0 and "submitted job drained" in r.stdout, r.stdout + r.stderr
@@ -691,7 +692,7 @@ def test_the_job_outlives_its_client_and_answers_status_list_attach_and_stop(clu
     assert fresh >= 7 and fresh < 400
 
     # `run --stop-on-exit`: the job ends with its client (Ctrl-C here), recorded as stopped
-    cfg3 = replace(cfg, job="onexit", trainer=replace(cfg.trainer, steps=400))
+    cfg3 = replace(cfg, job="onexit", trainer=replace(cfg.trainer, steps=400, step_delay_s=0.05))
     conf3 = write_toml(tmp_path / "onexit.toml", cfg3)
     client = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--stop-on-exit", "--config", conf3],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT), text=True)
