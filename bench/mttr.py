@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,16 @@ SAME_HOST, EVICTION, PROCESSES = ("same host (rank killed), in-process", "evicti
                                    "same host (rank killed), every process restarted")
 
 
+def _dump_waits(decisions: list[str]) -> dict[int, float]:
+    """Seconds each failed attempt's detection waited for flight-recorder dumps, from the controller's decisions."""
+    out = {}
+    for line in decisions:
+        m = re.search(r"flight-recorder dumps of attempt (\d+): .* in ([0-9.]+) s", line)
+        if m:
+            out[int(m[1])] = float(m[2])
+    return out
+
+
 def bench_herdsman(reps: int, warm_steps: int, settle_s: float, inprocess: bool = True
                    ) -> tuple[dict[str, list[float]], list[dict]]:
     """Alternately, on one job: kill rank 1 (a same-host restart) and a fatal Xid 79 on rank 1's host (an eviction
@@ -140,7 +151,7 @@ def bench_herdsman(reps: int, warm_steps: int, settle_s: float, inprocess: bool 
     d = Path(tempfile.mkdtemp(prefix="mttr-herdsman-"))
     cfg = load_config(_config(d, inprocess))
     out: dict[str, list[float]] = {SAME_HOST: [], EVICTION: []} if inprocess else {PROCESSES: []}
-    split, kind_of = [], {}
+    split, kind_of, dump_waits = [], {}, {}
     with LocalCluster(["host-1", "host-2", "host-3", "host-4"]) as cluster:
         connect(cluster.address)
         ctrl = launch_controller(cfg)
@@ -159,6 +170,7 @@ def bench_herdsman(reps: int, warm_steps: int, settle_s: float, inprocess: bool 
                         t0 = time.time()
                         ray.get(ctrl.inject_gpu_fault.remote(victim, "xid", gpu=0, code=79))
                     t1, stepped = _first_step_after(stats, attempt)
+                    dump_waits.update(_dump_waits(ray.get(ctrl.status.remote())["decisions"]))
                     out[kind].append(t1 - t0)
                     kind_of[attempt] = kind
                     print(f"  herdsman  rep {rep + 1} {kind}: {out[kind][-1]:.2f} s"
@@ -177,7 +189,8 @@ def bench_herdsman(reps: int, warm_steps: int, settle_s: float, inprocess: bool 
                       "cause": it.verdict.cause.value,
                       "detection_s": it.detection_s,
                       "restart_s": it.restart_s,
-                      "restore_s": it.restore_s})
+                      "restore_s": it.restore_s,
+                      "dump_wait_s": dump_waits.get(it.attempt)})  # None: no live rank was asked for a dump
     return out, split
 
 
@@ -207,12 +220,12 @@ def main() -> None:
           f"process restarted: {same / procs:.2f}; eviction / same-host process restart: {evict / procs:.2f} "
           f"(goal <= 1.2); eviction / same-host in-process: {evict / same:.2f}")
     for label in hm:
-        keys = ("detection_s", "restart_s", "restore_s")
+        keys = ("detection_s", "restart_s", "restore_s", "dump_wait_s")
         xs = [x for x in split if x["kind"] == label]
         if xs:
-            print(f"herdsman split, {label} (median): " + ", ".join(
-                f"{k} {statistics.median([x[k] for x in xs if x[k] is not None] or [float('nan')]):.2f}"
-                for k in keys))
+            medians = {k: [x[k] for x in xs if x[k] is not None] for k in keys}
+            print(f"herdsman split, {label} (median of the restarts that had it): " + ", ".join(
+                f"{k} {statistics.median(v):.2f} (n={len(v)})" if v else f"{k} - (n=0)" for k, v in medians.items()))
     result = {"benchmark": "mttr", "world_size": WORLD, "checkpoint_every": EVERY, "reps": a.reps,
               "settle_s": a.settle_s, "herdsman_s": hm, "torchrun_s": tr,
               "median_herdsman_same_host_s": same, "median_herdsman_eviction_s": evict, "median_torchrun_s": med_t,

@@ -74,7 +74,8 @@ def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang:
     collective either, and its death is explained elsewhere."""
     if asked:
         decide(f"asked live ranks {asked} for their flight-recorder dumps")
-    deadline = time.time() + (wait_s if asked else 0.0)
+    began = time.time()
+    deadline = began + (wait_s if asked else 0.0)
     hosts = [h for h in group.hosts if fleet.has_agent(h)]
     while True:
         summaries, refused, silent = fleet.flight_recorder(hosts, group.attempt, decide)
@@ -83,6 +84,9 @@ def flight_recorder_evidence(fleet: Fleet, group: Group, asked: list[int], hang:
         if all(r in have for r in asked) or time.time() >= deadline or not hosts:
             break
         time.sleep(0.2)
+    if asked:  # what the restart waited for (bench/mttr reads it): at most `wait_s`, less once every dump is in
+        decide(f"flight-recorder dumps of attempt {group.attempt}: {len(have & set(asked))} of {len(asked)} asked "
+               f"in {time.time() - began:.2f} s")
     if not summaries and not refused:
         return []
     now = time.time()
