@@ -92,7 +92,11 @@ def evidence_of(rec: Record, rules: RuleSet | None = None, when: float | None = 
             if code is None:
                 continue
             x = lookup_or_default(code)
-            cause = (unit_cause(code, line) or (RootCause.SOFTWARE_BUG if x.application else x.cause)).value
+            # the unit an ECC Xid names may be on a later line of the same code ("Xid 94, pid=..." first)
+            unit = unit_cause(code, line) or unit_cause(code, text)
+            cause = (unit or (RootCause.SOFTWARE_BUG if x.application else x.cause)).value
+            if unit is not None:
+                attrs["unit"] = unit.value  # diagnosis lends it to the same GPU's other lines of this Xid
             strength = Strength.DECIDES if x.fatal else Strength.SUPPORTS
             severity = Severity.CRITICAL if x.fatal else Severity.WARNING
             attrs["doc"] = r.doc or XID_DOC

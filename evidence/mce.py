@@ -39,7 +39,7 @@ def decode_status(status: int) -> tuple[RootCause, bool, str] | None:
 
 def parse_hex(text: str, max_digits: int = 16) -> int | None:
     """A bounded hexadecimal number (MCA status words are 64-bit)."""
-    t = text.strip().lower().removeprefix("0x")
+    t = text.strip().lower().removeprefix("0x").replace("'", "")  # HPE's IML groups it: 0xBA000000'00400405
     if not t or len(t) > max_digits:
         return None
     try:

@@ -16,7 +16,7 @@ lists the candidates that lost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from evidence.engine import text_evidence
@@ -143,9 +143,24 @@ class _Cand:
         return self.e.line()
 
 
+def _ecc_units(evidence: list[Evidence]) -> list[Evidence]:
+    """The driver logs an ECC Xid (48, 94, 95) in two lines, "Xid 94, pid=..., name=python, channel ..." and then
+    "Xid 94, Contained: SM (0x1). RST: No": only the second names the memory that held the error. Both are one event
+    of one GPU, so the line without a unit takes the unit its GPU's other line of the same Xid named."""
+    def key(e: Evidence) -> tuple:
+        return e.host, e.attrs.get("pci"), e.code
+
+    named = {key(e): e.attrs["unit"] for e in evidence if e.kind == EvidenceKind.GPU_XID and e.attrs.get("unit")}
+    if not named:
+        return evidence
+    return [replace(e, attrs={**e.attrs, "cause": named[key(e)]})
+            if e.kind == EvidenceKind.GPU_XID and "strength" in e.attrs and not e.attrs.get("unit") and key(e) in named
+            else e for e in evidence]
+
+
 def diagnose(failure: Failure, evidence: Sequence[Evidence]) -> Verdict:
     job_hosts = set(failure.hosts)
-    evidence = [e for e in evidence if e.host in job_hosts or not e.host] + rank_evidence(failure.ranks)
+    evidence = _ecc_units([e for e in evidence if e.host in job_hosts or not e.host] + rank_evidence(failure.ranks))
     cands = []
     for e in evidence:
         c = candidate(e)

@@ -198,6 +198,11 @@ def test_hung_rank_is_found_by_the_flight_recorder_and_the_job_restarts(cluster,
     # asked for its dump: alone once its peers' collectives timed out (4 s), with them when the flight recorder
     # confirmed the hang first
     assert any(re.search(r"asked live ranks \[(0, )?1(, 2)?\]", d) for d in st["decisions"]), st["decisions"]
+    # and how long the failure waited for those dumps (bench/mttr reads it): about dump_wait_s at most
+    waits = [m for m in (re.search(r"flight-recorder dumps of attempt 0: (\d) of (\d) asked in ([0-9.]+) s$", d)
+                         for d in st["decisions"]) if m]
+    assert len(waits) == 1 and waits[0][1] <= waits[0][2] and float(waits[0][3]) <= cfg.controller.dump_wait_s + 2, \
+        st["decisions"]
     assert st["hosts"][victim] == "suspect"
     dumps = sorted(p.name for p in (tmp_path / "run" / "nodes").glob("*/jobs/hang/flight_recorder/*attempt0000.json"))
     assert len(dumps) == 3

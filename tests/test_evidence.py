@@ -367,3 +367,45 @@ def test_the_fourth_rounds_first_look_set_holds_its_score():
     assert len(items) == 48 and not {it["id"] for it in items} & {it["id"] for it in load_corpus(CORPUS + [str(ROUND3)])}
     s = evaluate(items)
     assert s.accuracy >= 0.77 and s.accuracy_clear == 1.0, s.misses
+
+
+ROUND5 = Path(__file__).parent / "corpus" / "round5" / "first_look.jsonl"
+
+
+def test_formats_from_the_fifth_corpus_round():
+    """The NCCL watchdog thread dying of a CUDA error (the error decides, not the watchdog), the heartbeat monitor's
+    "watchdog got stuck" wrapped across lines, HPE's IML machine-check record, an overheating GPU in prose, and an
+    ECC Xid's two driver lines (only the second names the unit)."""
+    assert cause_of("[rank6]:[E ProcessGroupNCCL.cpp:1182] [Rank 6] NCCL watchdog thread terminated with exception: "
+                    "CUDA error: an illegal memory access was encountered") == "software_bug"
+    assert cause_of("[Rank 0] NCCL watchdog thread terminated with exception: [Rank 0] Watchdog caught collective "
+                    "operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE) ran for 600000 milliseconds before timing "
+                    "out.") == "nccl_watchdog_timeout"
+    assert cause_of("[rank6]:[E429 13:55:49.384372190 ProcessGroupNCCL.cpp:1743] [PG ID 0 PG GUID 0(default_pg) Rank 6]"
+                    " ProcessGroupNCCL'\ns watchdog got stuck for 480 seconds without making progress in monitoring "
+                    "enqueued collectives.") == "nccl_watchdog_timeout"
+    iml = ("Uncorrectable Machine Check Exception (Board 0, Processor 1, APIC ID 0x00000003, Bank 0x00000005, "
+           "Status 0x{}'{}, Address 0x00000000'00000000, Misc 0x00000000'00000280)")
+    assert cause_of(iml.format("BA000000", "00400405")) == "cpu"  # MCACOD 0x0405: internal error
+    assert cause_of(iml.format("BE000000", "0000009F")) == "system_memory"  # MCACOD 0x009f: memory controller
+    assert cause_of("It seems to be a overheating problem. After 100 epochs the gpu temperature was 83 °C") == \
+        "gpu_thermal_interface_sensor"
+    assert cause_of("The CPU fan was loud but the job ran fine; no GPU errors in dmesg") == "unknown"
+    pid = "kernel: NVRM: Xid (PCI:0000:4c:00): 94, pid=538574, name=python, channel 0x0000000a"
+    unit = "kernel: NVRM: Xid (PCI:0000:4c:00): 94, Contained: SM (0x1). RST: No, D-RST: No"
+    assert cause_of(f"{pid}\n{unit}") == cause_of(f"{unit}\n{pid}") == "gpu_sram_memory"
+    assert cause_of(pid) == "gpu_hbm3_memory"  # no unit named: a contained ECC error is the DRAM's by default
+    # another GPU's unit is not lent: its contained error stays the DRAM's, which outranks the SRAM on one host
+    assert cause_of(f"{pid.replace('4c:00', 'cb:00')}\n{unit}") == "gpu_hbm3_memory"
+
+
+def test_the_fifth_rounds_first_look_set_holds_its_score():
+    """33 excerpts gathered Dec 1 (the watchdog's and CUDA's own words, cloud events, Slurm, IPMI, smartctl, prose),
+    kept apart from the gated corpus: first look 64 % top-1 (16 of 19 unambiguous), 76 % (19 of 19) after the
+    format rules above; its 8 misses are all marked ambiguous."""
+    items = load_corpus([str(ROUND5)])
+    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4)])
+    assert len(items) == 33 and not {it["id"] for it in items} & {it["id"] for it in earlier}
+    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
+    s = evaluate(items)
+    assert s.accuracy >= 0.75 and s.accuracy_clear == 1.0, s.misses
