@@ -39,6 +39,11 @@ _HOST_RANK = _re(r"^(?P<host>[A-Za-z0-9][\w.-]{0,62}): {1,8}\[(?:rank|default)(?
 _RANK = _re(r"^\[(?:rank|default)(?P<rank>\d{1,7})\]: ?")
 # pdsh/clush "node-61: text": a lower-case name with a digit, so "RuntimeError: ..." is never a host
 _PDSH = _re(r"^(?P<host>[a-z][a-z0-9-]{0,62}\d(?:\.[a-z0-9-]{1,63}){0,6}): ")
+# ...but a kernel device's own prefix ("nvme0: controller is down", "ata1.00: failed command", "eth0: link down")
+# names the device, not a host
+_KERNEL_DEVICE = _re(r"^(?:nvme\d{1,4}(?:n\d{1,4})?|ata\d{1,4}(?:\.\d{1,3})?|sd[a-z]{1,3}\d{0,3}|vd[a-z]{1,3}\d{0,3}|"
+                     r"md\d{1,4}|dm-\d{1,4}|loop\d{1,4}|nbd\d{1,4}|mmcblk\d{1,3}|eth\d{1,4}|ib\d{1,4}|bond\d{1,4}|"
+                     r"usb\d{1,4}|nvidia\d{1,3}|mc\d{1,3}|cpu\d{1,4}|edac-?\w{0,10}\d)$")
 _DMESG_TS = _re(r"^\[ {0,12}\d{1,10}\.\d{1,9}\] ?")
 # the device a kernel line is about: "pcieport 0000:00:01.0:", "EDAC sbridge MC0:", "mce:", "{1}[Hardware Error]:"
 _KSOURCE = _re(r"^(?P<src>[\w-]{1,32} [0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]:|EDAC [\w ]{0,24}?MC\d{1,3}:|"
@@ -93,7 +98,7 @@ def split_prefix(line: str, default_host: str) -> tuple[str, int | None, str]:
             return m.group("host"), int(m.group("rank")), _strip_ts(line[m.end():])
         if c.islower():
             m = _PDSH.match(line)
-            if m:
+            if m and not _KERNEL_DEVICE.match(m.group("host")):
                 host, line = m.group("host"), line[m.end():]
     return host, rank, _strip_ts(line)
 

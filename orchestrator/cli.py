@@ -8,6 +8,7 @@ Nothing it prints gives a secret away: errors (one line, or a traceback for a bu
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import traceback
@@ -66,6 +67,9 @@ class _Group(click.Group):
             sys.exit(2)
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
             raise
+        except BrokenPipeError:  # the reader went away (`herdsman diagnose log | head`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended
         except Exception as e:  # noqa: BLE001 - a bug: show its traceback, but never a password or token in it
             click.echo(_redact("".join(traceback.format_exception(e))).rstrip("\n"), err=True)
             sys.exit(1)

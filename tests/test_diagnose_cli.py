@@ -141,3 +141,12 @@ def test_a_hostile_line_cannot_rewrite_the_operators_terminal(tmp_path):
     r = CliRunner().invoke(main, ["diagnose", str(log)])
     assert r.exit_code == 0 and r.stdout.startswith("faulty_gpu"), r.stdout
     assert "\x1b" not in r.stdout and "\r" not in r.stdout and "\\x1b[2J" in r.stdout, repr(r.stdout)
+
+
+def test_a_reader_that_goes_away_ends_it_quietly():
+    """`herdsman diagnose log | head -1`: once the pipe's reader is gone, no traceback, the status SIGPIPE gives."""
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "diagnose", str(FIXTURES / "ssd.log")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before it writes a line: its first write finds no reader
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141 and "Traceback" not in err, err

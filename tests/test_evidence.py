@@ -409,3 +409,46 @@ def test_the_fifth_rounds_first_look_set_holds_its_score():
     assert not {it["source"] for it in items} & {it["source"] for it in earlier}
     s = evaluate(items)
     assert s.accuracy >= 0.75 and s.accuracy_clear == 1.0, s.misses
+
+
+ROUND6 = Path(__file__).parent / "corpus" / "round6" / "first_look.jsonl"
+
+
+def test_formats_from_the_sixth_corpus_round():
+    """A kernel device's own prefix is not a host ("nvme0: controller is down"), NCCL's IB plugin variants, ranks
+    issuing mismatched collectives, the filesystem the job writes to going stale or full, OpenPOWER guard records,
+    maintenance and thermal limits in prose; and a PSU named as healthy beside a faulty fan is not a PSU fault."""
+    assert cause_of("nvme0: controller is down; will reset: CSTS=0xffffffff, PCI_STATUS=0xffff") == "ssd"
+    assert sorted(r.host for r in records(["node-61: eth0: link up", "nvme0: controller is down",
+                                           "ata1.00: failed command"], "h")) == ["h", "h", "node-61"]
+    assert cause_of("NET/IBP:Got completion from peer 7.6.13.83<36315> with status=12 opcode=32698 len=32696 vendor "
+                    "err 129 (Send)") == "network_switch_cable"
+    assert cause_of("init.cc:1247 NCCL WARN Mismatched collective detected, please check your collective calls at and "
+                    "around rank 39.") == "software_bug"
+    assert cause_of("[rank1]: RuntimeError: Detected mismatch between collectives on ranks. Rank 1 is running "
+                    "collective: CollectiveFingerPrint(SequenceNumber=3104, OpType=ALLREDUCE)") == "software_bug"
+    tb = "Traceback (most recent call last):\n  File \"train.py\", line 9, in save\n    f.write(b)\nOSError: {}"
+    assert cause_of(tb.format("[Errno 116] Stale file handle")) == "dependency"  # not the code's bug
+    assert cause_of(tb.format("[Errno 28] No space left on device")) == "dependency"
+    assert cause_of(tb.format("[Errno 13] Permission denied: '/ckpt'")) == "software_bug"
+    assert cause_of(" 00000001 | 90000014 | Fatal      | /Sys0/Node0/DIMM1") == "system_memory"
+    assert cause_of(" 00000003 | 9000001e | Predictive | /Sys0/Node0/DIMM5") == "unknown"  # not yet a failure
+    assert cause_of(" 00000002 | 90000019 | Fatal      | /Sys0/Node0/Proc1") == "cpu"
+    assert cause_of("One of my long running VMs was just rebooted by GCP.") == "host_maintenance"
+    assert cause_of("the GPU is at 100% usage, but throttled, and at half power because of the thermal limit") == \
+        "gpu_thermal_interface_sensor"
+    assert cause_of("Katla has a fault light flashing. Both PSU are good. Most likely cause is a faulty fan.") == \
+        "server_chassis"
+    assert cause_of("PSU 2 | Failure detected | Asserted") == "power_supply"
+
+
+def test_the_sixth_rounds_first_look_set_holds_its_score():
+    """40 excerpts gathered Dec 1 from sources none of the earlier rounds used, kept apart from the gated corpus:
+    first look 62.5 % top-1 (19 of 26 unambiguous), 90 % (26 of 26) after the format rules above; its 4 misses
+    are all marked ambiguous."""
+    items = load_corpus([str(ROUND6)])
+    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5)])
+    assert len(items) == 40 and not {it["id"] for it in items} & {it["id"] for it in earlier}
+    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
+    s = evaluate(items)
+    assert s.accuracy >= 0.9 and s.accuracy_clear == 1.0, s.misses
