@@ -452,3 +452,30 @@ def test_the_sixth_rounds_first_look_set_holds_its_score():
     assert not {it["source"] for it in items} & {it["source"] for it in earlier}
     s = evaluate(items)
     assert s.accuracy >= 0.9 and s.accuracy_clear == 1.0, s.misses
+
+
+ROUND7 = Path(__file__).parent / "corpus" / "round7" / "first_look.jsonl"
+
+
+def test_formats_from_the_seventh_corpus_round():
+    """An mlx5 adapter whose firmware never comes up or stops answering the health poll, a spot interruption in a
+    cloud agent's words, the powerpc kernel's machine-check oops."""
+    assert cause_of("[  121.336005] mlx5_core 0000:03:00.0: mlx5_function_setup:1236:(pid 182): Firmware over 120000 "
+                    "MS in pre-initializing state, aborting") == "nic"
+    assert cause_of("poll_health:834:(pid 0): device's health compromised - reached miss count") == "nic"
+    assert cause_of('{"level":"warn","message":"Spot interruption payload received: {\\"action\\":\\"terminate\\"}"}') \
+        == "host_maintenance"
+    assert cause_of("Instance is going to be interrupted in 2 minutes. Exiting...") == "host_maintenance"
+    assert cause_of("[    0.000000] Oops: Machine check, sig: 7 [#1]") == "cpu"
+
+
+def test_the_seventh_rounds_first_look_set_holds_its_score():
+    """36 excerpts gathered Dec 1, one per source, none used before: first look 72 % top-1, 83 % after the format
+    rules above; its 6 misses are all marked ambiguous (two of them on review: their cause is in the thread, not
+    the text)."""
+    items = load_corpus([str(ROUND7)])
+    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5), str(ROUND6)])
+    assert len(items) == 36 and not {it["id"] for it in items} & {it["id"] for it in earlier}
+    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
+    s = evaluate(items)
+    assert s.accuracy >= 0.83 and s.accuracy_clear == 1.0, s.misses
