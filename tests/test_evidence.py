@@ -479,3 +479,35 @@ def test_the_seventh_rounds_first_look_set_holds_its_score():
     assert not {it["source"] for it in items} & {it["source"] for it in earlier}
     s = evaluate(items)
     assert s.accuracy >= 0.83 and s.accuracy_clear == 1.0, s.misses
+
+
+ROUND8 = Path(__file__).parent / "corpus" / "round8" / "first_look.jsonl"
+
+
+def test_formats_from_the_eighth_corpus_round():
+    """amdgpu's RAS/ACA records (their "[Hardware Error]" and status words are the GPU's, not an x86 machine check),
+    a voltage regulator's SEL fault, DCGM's row-remap test failing (in dcgmi diag and in IBM Autopilot's label)."""
+    aca = ("[13850.927924] amdgpu 0000:42:00.0: {1}[Hardware Error]: Accelerator Check Architecture events logged\n"
+           "[13850.927941] amdgpu 0000:42:00.0: {1}[Hardware Error]: aca entry[00].STATUS=0x98000800003e0000")
+    assert cause_of(aca) == "faulty_gpu"
+    assert cause_of("amdgpu 0000:1c:00.0: {1}uncorrectable hardware error(ERREVENT_ATHUB_INTERRUPT) detected!") == \
+        "faulty_gpu"
+    assert cause_of("mce: [Hardware Error]: Machine check events logged\nmce: [Hardware Error]: CPU 3: Machine Check: "
+                    "0 Bank 5: be00000000800400") == "cpu"  # the kernel's own MCE still decodes as before
+    assert cause_of("SEL Entry: FRU: 1, Sensor: VR_FAULT (0xB1), Event Data: (001A41) PVCCIN_CPU0 status: 0x1a41 "
+                    "Assertion") == "power_supply"
+    assert cause_of("| Page Retirement/Row Remap | Fail - GPU: 2 |") == "gpu_hbm3_memory"
+    assert cause_of("autopilot.ibm.com/dcgm.level.3=ERR_2024-11-04_09.32.03UTC_page_retirement_row_remap.0") == \
+        "gpu_hbm3_memory"
+
+
+def test_the_eighth_rounds_first_look_set_holds_its_score():
+    """16 excerpts of tool output gathered Dec 1 (Kubernetes node conditions, amdgpu, BMC SEL, sinfo): first look
+    44 % top-1, 62.5 % after the rules above; of its 6 misses one is unambiguous (the device plugin's Xid 999,
+    labelled unknown, read as an unlisted Xid on the GPU)."""
+    items = load_corpus([str(ROUND8)])
+    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5), str(ROUND6), str(ROUND7)])
+    assert len(items) == 16 and not {it["id"] for it in items} & {it["id"] for it in earlier}
+    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
+    s = evaluate(items)
+    assert s.accuracy >= 0.62 and s.accuracy_clear >= 0.9, s.misses
