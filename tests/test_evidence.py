@@ -372,6 +372,16 @@ def test_the_fourth_rounds_first_look_set_holds_its_score():
 ROUND5 = Path(__file__).parent / "corpus" / "round5" / "first_look.jsonl"
 
 
+def score_apart(path, n, rounds):
+    """A later round's score, once it is checked to share no item and no source with the gated corpus and the
+    rounds before it (a first look is only a first look on text no rule was written from)."""
+    items = load_corpus([str(path)])
+    earlier = load_corpus(CORPUS + [str(r) for r in rounds])
+    assert len(items) == n and not {it["id"] for it in items} & {it["id"] for it in earlier}
+    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
+    return evaluate(items)
+
+
 def test_formats_from_the_fifth_corpus_round():
     """The NCCL watchdog thread dying of a CUDA error (the error decides, not the watchdog), the heartbeat monitor's
     "watchdog got stuck" wrapped across lines, HPE's IML machine-check record, an overheating GPU in prose, and an
@@ -403,11 +413,7 @@ def test_the_fifth_rounds_first_look_set_holds_its_score():
     """33 excerpts gathered Dec 1 (the watchdog's and CUDA's own words, cloud events, Slurm, IPMI, smartctl, prose),
     kept apart from the gated corpus: first look 64 % top-1 (16 of 19 unambiguous), 76 % (19 of 19) after the
     format rules above; its 8 misses are all marked ambiguous."""
-    items = load_corpus([str(ROUND5)])
-    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4)])
-    assert len(items) == 33 and not {it["id"] for it in items} & {it["id"] for it in earlier}
-    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
-    s = evaluate(items)
+    s = score_apart(ROUND5, 33, [ROUND3, ROUND4])
     assert s.accuracy >= 0.75 and s.accuracy_clear == 1.0, s.misses
 
 
@@ -446,11 +452,7 @@ def test_the_sixth_rounds_first_look_set_holds_its_score():
     """40 excerpts gathered Dec 1 from sources none of the earlier rounds used, kept apart from the gated corpus:
     first look 62.5 % top-1 (19 of 26 unambiguous), 90 % (26 of 26) after the format rules above; its 4 misses
     are all marked ambiguous."""
-    items = load_corpus([str(ROUND6)])
-    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5)])
-    assert len(items) == 40 and not {it["id"] for it in items} & {it["id"] for it in earlier}
-    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
-    s = evaluate(items)
+    s = score_apart(ROUND6, 40, [ROUND3, ROUND4, ROUND5])
     assert s.accuracy >= 0.9 and s.accuracy_clear == 1.0, s.misses
 
 
@@ -473,11 +475,7 @@ def test_the_seventh_rounds_first_look_set_holds_its_score():
     """36 excerpts gathered Dec 1, one per source, none used before: first look 72 % top-1, 83 % after the format
     rules above; its 6 misses are all marked ambiguous (two of them on review: their cause is in the thread, not
     the text)."""
-    items = load_corpus([str(ROUND7)])
-    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5), str(ROUND6)])
-    assert len(items) == 36 and not {it["id"] for it in items} & {it["id"] for it in earlier}
-    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
-    s = evaluate(items)
+    s = score_apart(ROUND7, 36, [ROUND3, ROUND4, ROUND5, ROUND6])
     assert s.accuracy >= 0.83 and s.accuracy_clear == 1.0, s.misses
 
 
@@ -505,9 +503,5 @@ def test_the_eighth_rounds_first_look_set_holds_its_score():
     """16 excerpts of tool output gathered Dec 1 (Kubernetes node conditions, amdgpu, BMC SEL, sinfo): first look
     44 % top-1, 62.5 % after the rules above; of its 6 misses one is unambiguous (the device plugin's Xid 999,
     labelled unknown, read as an unlisted Xid on the GPU)."""
-    items = load_corpus([str(ROUND8)])
-    earlier = load_corpus(CORPUS + [str(ROUND3), str(ROUND4), str(ROUND5), str(ROUND6), str(ROUND7)])
-    assert len(items) == 16 and not {it["id"] for it in items} & {it["id"] for it in earlier}
-    assert not {it["source"] for it in items} & {it["source"] for it in earlier}
-    s = evaluate(items)
+    s = score_apart(ROUND8, 16, [ROUND3, ROUND4, ROUND5, ROUND6, ROUND7])
     assert s.accuracy >= 0.62 and s.accuracy_clear >= 0.9, s.misses
