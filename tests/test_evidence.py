@@ -437,6 +437,9 @@ def test_formats_from_the_sixth_corpus_round():
     assert cause_of(tb.format("[Errno 116] Stale file handle")) == "dependency"  # not the code's bug
     assert cause_of(tb.format("[Errno 28] No space left on device")) == "dependency"
     assert cause_of(tb.format("[Errno 13] Permission denied: '/ckpt'")) == "software_bug"
+    # the trainer's note of a save it skipped for a full disk, in a killed rank's log tail, is no failure of its own
+    assert cause_of("checkpoint of step 25 failed, skipped (training goes on): [Errno 28] No space left on device") \
+        == "unknown"
     assert cause_of(" 00000001 | 90000014 | Fatal      | /Sys0/Node0/DIMM1") == "system_memory"
     assert cause_of(" 00000003 | 9000001e | Predictive | /Sys0/Node0/DIMM5") == "unknown"  # not yet a failure
     assert cause_of(" 00000002 | 90000019 | Fatal      | /Sys0/Node0/Proc1") == "cpu"
@@ -450,10 +453,10 @@ def test_formats_from_the_sixth_corpus_round():
 
 def test_the_sixth_rounds_first_look_set_holds_its_score():
     """40 excerpts gathered Dec 1 from sources none of the earlier rounds used, kept apart from the gated corpus:
-    first look 62.5 % top-1 (19 of 26 unambiguous), 90 % (26 of 26) after the format rules above; its 4 misses
-    are all marked ambiguous."""
+    first look 62.5 % top-1 (19 of 26 unambiguous), 87.5 % (26 of 26) after the format rules above; its 5 misses
+    are all marked ambiguous (one of them a full filesystem quoted in prose, not raised: see StorageUnavailable)."""
     s = score_apart(ROUND6, 40, [ROUND3, ROUND4, ROUND5])
-    assert s.accuracy >= 0.9 and s.accuracy_clear == 1.0, s.misses
+    assert s.accuracy >= 0.875 and s.accuracy_clear == 1.0, s.misses
 
 
 ROUND7 = Path(__file__).parent / "corpus" / "round7" / "first_look.jsonl"
